@@ -1,0 +1,358 @@
+"""JiT / AsymJiT model tests against the reference fixture (shared/fixtures/jit_tiny.*)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from asymflow_jax import asymflow as af
+from asymflow_jax.convert import _conv_patch, torch_state_dict_to_flax
+from asymflow_jax.models import (JiT, abstract_params, apply_projected_init, asymjit_apply, init_params,
+                                 jit_config, param_count, param_specs, projected_init_gain, zero_basis)
+from asymflow_jax.models.jit import JiTBlock, rope_tables_2d, sincos_pos_embed_2d
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = pathlib.Path(os.environ.get("ASYMFLOW_FIXTURES", REPO.parent / "shared" / "fixtures")) / "jit_tiny.npz"
+if not FIXTURE.exists():
+  FIXTURE = pathlib.Path("/work/shared/fixtures/jit_tiny.npz")
+
+PARITY_RTOL = 1e-5   # max |diff| / max |ref|, float32
+BF16_RTOL = 3e-2     # bf16 compute vs float32 compute, same metric
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@functools.lru_cache(maxsize=None)
+def fixture():
+  with np.load(FIXTURE) as f:
+    return {k: f[k] for k in f.files}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+  """(model, params, basis, scale) converted from the fixture state dict."""
+  d = fixture()
+  sd = {k[3:]: v for k, v in d.items() if k.startswith("sd/")}
+  cfg = jit_config("tiny")
+  params, basis, scale = torch_state_dict_to_flax(sd, cfg)
+  params = jax.tree.map(jnp.asarray, params)
+  return JiT(cfg), params, jnp.asarray(basis), scale
+
+
+def inputs():
+  d = fixture()
+  x = jnp.asarray(d["in/x_t"].transpose(0, 2, 3, 1))   # NCHW -> NHWC
+  return x, jnp.asarray(d["in/timesteps"]), jnp.asarray(d["in/class_labels"].astype(np.int32))
+
+
+def nhwc(a):
+  return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+# ---------------------------------------------------------------------------------------- parity
+
+
+def test_converted_tree_matches_model_init():
+  model, params, basis, scale = tiny()
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), nn.meta.unbox(abstract_params(model)))
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+  assert got == want
+  assert basis.shape == (48, 4) and scale == 1.0
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("s", ["1", "0.8"])
+def test_parity_velocity_and_u_a(mode, s):
+  d = fixture()
+  model, params, basis, _ = tiny()
+  x, sigma, labels = inputs()
+  sigma_min = af.EVAL_SIGMA_MIN if mode == "eval" else af.TRAIN_SIGMA_MIN
+  fwd = jax.jit(functools.partial(asymjit_apply, model, scale=float(s), sigma_min=sigma_min,
+                                  train=(mode == "train"), return_u_a=True))
+  v, u_a = fwd(params, x, sigma, labels, basis)
+  tag = f"{mode}_s{s}"
+  assert v.shape == (6, 32, 32, 3) and v.dtype == jnp.float32
+  assert _rel(v, nhwc(d[f"out/{tag}"])) <= PARITY_RTOL
+  if f"out/u_a_packed_{tag}" in d:
+    assert _rel(u_a, d[f"out/u_a_packed_{tag}"]) <= PARITY_RTOL
+
+
+def test_intermediates_match_reference():
+  d = fixture()
+  model, params, _, _ = tiny()
+  x, sigma, labels = inputs()
+  k, t = af.calibrate(sigma, 1.0)
+  u_a, state = jax.jit(lambda p: model.apply({"params": p}, k[:, None, None, None] * x, t, labels,
+                                             capture_intermediates=True, mutable=["intermediates"]))(params)
+  mid = state["intermediates"]
+  got = {"x_embed": mid["x_embedder"]["__call__"][0], "t_embed": mid["t_embedder"]["__call__"][0],
+         "y_embed": mid["y_embedder"]["__call__"][0], "u_a_packed": u_a}
+  for i in range(4):
+    got[f"block{i}"] = mid[f"blocks_{i}"]["__call__"][0]
+  assert got["block0"].shape == (6, 64, 64) and got["block1"].shape == (6, 68, 64)
+  for name, value in got.items():
+    ref = d[f"mid_eval_s1/{name}"]
+    assert value.shape == ref.shape, name
+    assert _rel(value, ref) <= PARITY_RTOL, name
+
+
+def test_fixed_buffers_match_reference():
+  d = fixture()
+  cos, sin = rope_tables_2d(16, 8)
+  for name in ("feat_rope", "feat_rope_incontext"):
+    np.testing.assert_allclose(cos, d[f"sd/{name}.base_rope.freqs_cos"], atol=1e-6)
+    np.testing.assert_allclose(sin, d[f"sd/{name}.base_rope.freqs_sin"], atol=1e-6)
+  np.testing.assert_allclose(sincos_pos_embed_2d(64, 8)[None], d["sd/x_embedder.pos_embed"], atol=1e-6)
+
+
+def test_rank0_basis_is_jit_x0_prediction():
+  model, params, _, _ = tiny()
+  x, sigma, labels = inputs()
+  basis0 = zero_basis(model.config)
+  v, u_a = jax.jit(lambda p: asymjit_apply(model, p, x, sigma, labels, basis0, sigma_min=af.EVAL_SIGMA_MIN,
+                                           return_u_a=True))(params)
+  # r = 0: u_A = -x0, so x0_hat = -u_A and u = (x_t - x0_hat) / max(sigma, sigma_min).
+  x0_hat = -np.asarray(u_a, np.float64)
+  xt = np.asarray(af.patchify(x, 4), np.float64)
+  sc = np.maximum(np.asarray(sigma, np.float64), af.EVAL_SIGMA_MIN)[:, None, None]
+  want = af.unpatchify(jnp.asarray((xt - x0_hat) / sc, jnp.float32), 4, 32, 32)
+  assert _rel(v, want) <= 1e-6
+  assert float(jnp.max(jnp.abs(u_a))) > 0.1   # the fixture network output is non-trivial
+
+
+# ------------------------------------------------------------------------------------------ init
+
+
+def test_projected_init_matches_fixture():
+  d = fixture()
+  model, params, basis, _ = tiny()
+  cfg = model.config
+  new = apply_projected_init(params, basis, cfg)
+  want = _conv_patch(d["init/proj1_weight_after_projected_init"])    # (D, bottleneck)
+  got = np.asarray(new["x_embedder"]["proj1"]["kernel"])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got[:, :4], np.sqrt(2 * 48 / (48 + 16)) * np.asarray(basis), atol=1e-6)
+  assert projected_init_gain(jit_config("H/16")) == pytest.approx(np.sqrt(1.5))
+  with pytest.raises(ValueError, match="bottleneck"):
+    apply_projected_init(params, jnp.eye(48, 17), cfg)
+
+
+def test_fresh_init_follows_spec():
+  model, _, basis, _ = tiny()
+  params = jax.jit(lambda k: init_params(model, k, basis))(jax.random.key(0))
+  leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  leaves = {"/".join(p.key for p in path): np.asarray(v) for path, v in leaves.items()}
+  for name, v in leaves.items():
+    if name.endswith("/bias") or "adaLN_modulation" in name or name.startswith("final_layer/linear"):
+      assert np.all(v == 0), name
+    elif name.endswith("/scale"):
+      assert np.all(v == 1), name
+  for name in ("y_embedder/embedding_table/embedding", "t_embedder/mlp_0/kernel", "t_embedder/mlp_2/kernel",
+               "in_context_posemb"):
+    assert abs(leaves[name].std() - 0.02) < 0.004, name
+  qkv = leaves["blocks_0/attn/qkv/kernel"]                  # xavier-uniform (64 -> 192)
+  limit = np.sqrt(6 / (64 + 192))
+  assert np.abs(qkv).max() <= limit and abs(qkv.std() - limit / np.sqrt(3)) < 0.1 * limit
+  np.testing.assert_allclose(leaves["x_embedder/proj1/kernel"][:, :4], projected_init_gain(model.config) * basis,
+                             atol=1e-6)
+
+
+def test_every_param_has_logical_axes():
+  model = JiT(jit_config("tiny"))
+  boxed = abstract_params(model)
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  assert all(len(x.names) == x.value.ndim for x in leaves)
+  specs = param_specs(model)
+  assert tuple(specs["blocks_0"]["attn"]["qkv"]["kernel"]) == ("embed", "qkv")
+  assert tuple(specs["y_embedder"]["embedding_table"]["embedding"]) == ("vocab", "embed")
+
+
+# -------------------------------------------------------------------------------- compute options
+
+
+def test_bf16_compute_close_to_fp32():
+  d = fixture()
+  model, params, basis, _ = tiny()
+  x, sigma, labels = inputs()
+  model16 = JiT(model.config, dtype=jnp.bfloat16)
+  v, u_a = jax.jit(lambda p: asymjit_apply(model16, p, x, sigma, labels, basis, sigma_min=af.EVAL_SIGMA_MIN,
+                                           return_u_a=True))(params)
+  assert u_a.dtype == jnp.bfloat16 and v.dtype == jnp.float32
+  err = _rel(u_a, d["out/u_a_packed_eval_s1"])
+  assert 1e-4 < err <= BF16_RTOL          # really ran in bf16, and stays close
+  assert _rel(v, nhwc(d["out/eval_s1"])) <= BF16_RTOL
+  # bf16 attention operands (float32 logits/softmax accumulation) stay within the same tolerance.
+  model16b = JiT(model.config, dtype=jnp.bfloat16, upcast_attention=False)
+  u_a_b = jax.jit(lambda p: model16b.apply({"params": p}, x, sigma, labels))(params)
+  assert 1e-4 < _rel(u_a_b, d["out/u_a_packed_eval_s1"]) <= BF16_RTOL
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_matches_plain(policy):
+  # Two blocks of the fixture network (in-context tokens from block 1) keep the compile cheap.
+  _, full, _, _ = tiny()
+  params = {k: v for k, v in full.items() if k not in ("blocks_2", "blocks_3")}
+  model = JiT(jit_config("tiny", depth=2))
+  x, sigma, labels = inputs()
+  remat_model = JiT(model.config, remat=True, remat_policy=policy)
+
+  def loss(p, m):
+    return jnp.mean(jnp.square(m.apply({"params": p}, x, sigma, labels)))
+
+  l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(params)
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, remat_model)))(params)
+  assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(a)) + 1e-30))
+  with pytest.raises(ValueError, match="remat_policy"):
+    JiT(model.config, remat=True, remat_policy="bogus").apply({"params": params}, x, sigma, labels)
+
+
+def test_dropout_only_in_middle_blocks():
+  model, params, _, _ = tiny()
+  cfg = jit_config("tiny", proj_dropout=0.5, attn_dropout=0.5)
+  h = jax.random.normal(jax.random.key(1), (2, 68, 64))
+  c = jax.random.normal(jax.random.key(2), (2, 64))
+  cos, sin = (jnp.asarray(a) for a in rope_tables_2d(16, 8))
+  cos = jnp.concatenate([jnp.ones((4, 16)), cos]); sin = jnp.concatenate([jnp.zeros((4, 16)), sin])
+  x, sigma, labels = inputs()
+  m = JiT(cfg)
+
+  @jax.jit
+  def run(params):
+    pairs = []
+    for i in range(4):
+      block = JiTBlock(cfg, dropout=cfg.dropout_active(i))
+      p = {"params": params[f"blocks_{i}"]}
+      pairs.append((block.apply(p, h, c, cos, sin, True),
+                    block.apply(p, h, c, cos, sin, False, rngs={"dropout": jax.random.key(3)})))
+    full = (m.apply({"params": params}, x, sigma, labels),
+            m.apply({"params": params}, x, sigma, labels, train=True, rngs={"dropout": jax.random.key(0)}))
+    return pairs, full
+
+  pairs, (ev, tr) = run(params)
+  changed = [not np.allclose(a, b) for a, b in pairs]
+  assert changed == [False, True, True, False]      # depth 4: depth//4 = 1 <= i < 3
+  assert not np.allclose(ev, tr)                    # the train flag reaches the blocks
+
+
+def test_fixture_has_no_dropout_effect_in_train_mode():
+  # The fixture config has zero dropout: train-mode u_A equals eval-mode u_A (as in the reference).
+  d = fixture()
+  model, params, basis, _ = tiny()
+  x, sigma, labels = inputs()
+  _, u_a = jax.jit(lambda p: asymjit_apply(model, p, x, sigma, labels, basis, sigma_min=af.TRAIN_SIGMA_MIN,
+                                           train=True, return_u_a=True))(params)
+  assert _rel(u_a, d["out/u_a_packed_train_s1"]) <= PARITY_RTOL
+
+
+# ---------------------------------------------------------------------------------- sharded (FSDP)
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax, jax.numpy as jnp, flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from asymflow_jax import asymflow as af
+    from asymflow_jax.convert import load_state_dict, torch_state_dict_to_flax
+    from asymflow_jax.models import JiT, asymjit_apply, jit_config, param_specs
+    fixture = sys.argv[1]
+    cfg = jit_config("tiny"); model = JiT(cfg)
+    params, basis, scale = torch_state_dict_to_flax(load_state_dict(fixture), cfg)
+    d = np.load(fixture)
+    x = jnp.asarray(d["in/x_t"].transpose(0, 2, 3, 1)); sigma = jnp.asarray(d["in/timesteps"])
+    labels = jnp.asarray(d["in/class_labels"].astype(np.int32))
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    rules = (("embed", "fsdp"),)
+    shardings = nn.logical_to_mesh_sharding(param_specs(model), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    rep = NamedSharding(mesh, P())
+    fwd = lambda p, x, s, y: asymjit_apply(model, p, x, s, y, jnp.asarray(basis), sigma_min=af.EVAL_SIGMA_MIN)
+    out = jax.jit(fwd, in_shardings=(shardings, rep, rep, rep), out_shardings=rep)(sharded, x, sigma, labels)
+    plain = jax.jit(fwd)(jax.tree.map(jnp.asarray, params), x, sigma, labels)
+    qkv = sharded["blocks_0"]["attn"]["qkv"]["kernel"]
+    ref = d["out/eval_s1"].transpose(0, 2, 3, 1)
+    print(json.dumps({
+        "devices": jax.device_count(),
+        "qkv_shard_shape": list(qkv.addressable_shards[0].data.shape),
+        "qkv_spec": [str(a) for a in qkv.sharding.spec],
+        "rel_vs_plain": float(np.max(np.abs(np.asarray(out) - np.asarray(plain))) / np.max(np.abs(plain))),
+        "rel_vs_ref": float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref))),
+    }))
+""")
+
+
+def test_fsdp_sharded_forward_on_8_fake_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(FIXTURE)], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert res["devices"] == 8
+  assert res["qkv_spec"][0] == "fsdp" and res["qkv_shard_shape"] == [8, 192]   # 64 / 8 rows per device
+  assert res["rel_vs_plain"] <= 1e-5
+  assert res["rel_vs_ref"] <= PARITY_RTOL
+
+
+# ------------------------------------------------------------------------------------ large sizes
+
+
+def _expected_param_count(h, depth, bottleneck, ctx, p=16, c=3, classes=1000, mlp_ratio=4.0):
+  """Independent count from the architecture description (without the q/k norm gains)."""
+  d = p * p * c
+  hid = int(2 / 3 * int(h * mlp_ratio))
+  block = (h * 3 * h + 3 * h) + (h * h + h) + (h * 2 * hid + 2 * hid) + (hid * h + h) + (h * 6 * h + 6 * h) + 2 * h
+  return (d * bottleneck + bottleneck * h + h + 256 * h + h + h * h + h + (classes + 1) * h + ctx * h
+          + depth * block + h + (h * d + d) + (h * 2 * h + 2 * h))
+
+
+@pytest.mark.parametrize("name,h,depth,heads,bottleneck", [
+    ("B/16", 768, 12, 12, 128), ("L/16", 1024, 24, 16, 128), ("H/16", 1280, 32, 16, 256)])
+def test_preset_param_counts(name, h, depth, heads, bottleneck):
+  cfg = jit_config(name)
+  assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.bottleneck_dim) == (h, depth, heads, bottleneck)
+  assert (cfg.input_size, cfg.patch_size, cfg.num_classes, cfg.in_context_len) == (256, 16, 1000, 32)
+  n = param_count(JiT(cfg))
+  # q/k norm gains: 2 * head_dim per block.
+  want = _expected_param_count(h, depth, bottleneck, 32) + depth * 2 * (h // heads)
+  assert n == want
+  # JiT paper: B/16 131M, L/16 459M, H/16 953M.
+  assert round(n / 1e6) == {"B/16": 131, "L/16": 459, "H/16": 953}[name]
+
+
+def test_b16_init_and_jitted_forward():
+  cfg = jit_config("B/16")
+  model = JiT(cfg)
+  rng = np.random.default_rng(0)
+  basis = jnp.asarray(np.linalg.qr(rng.normal(size=(768, 8)))[0], jnp.float32)
+  params = jax.jit(lambda k: init_params(model, k, basis))(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2, 256, 256, 3))
+  sigma = jnp.array([0.5, 0.02], jnp.float32)
+  labels = jnp.array([3, 1000], jnp.int32)
+  fwd = jax.jit(lambda p, x, s, y: asymjit_apply(model, p, x, s, y, basis, sigma_min=af.EVAL_SIGMA_MIN,
+                                                 return_u_a=True))
+  v, u_a = fwd(params, x, sigma, labels)
+  assert v.shape == (2, 256, 256, 3) and u_a.shape == (2, 256, 768)
+  # Zero-initialised final layer: u_A = 0, so u = (I - Pi) x_t / max(sigma, sigma_min).
+  assert float(jnp.max(jnp.abs(u_a))) == 0.0
+  xt = np.asarray(af.patchify(x, 16), np.float64)
+  b64 = np.asarray(basis, np.float64)
+  comp = xt - xt @ b64 @ b64.T
+  want = comp / np.maximum(np.asarray(sigma, np.float64), af.EVAL_SIGMA_MIN)[:, None, None]
+  assert _rel(af.patchify(v, 16), want) <= 1e-5
