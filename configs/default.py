@@ -1,0 +1,31 @@
+"""The embedded default: class-conditional AsymFlow on the 5000 MNIST digits, minutes on a CPU.
+
+    python -m asymflow_jax.train --config=configs/default.py --workdir=workdirs/default
+    python -m asymflow_jax.train --config=configs/default.py --config.model.rank=0   # JiT x0-prediction
+
+32x32x1 digits, patch 4 (D = 16), rank 4 PCA subspace computed on first run and cached in the
+workdir. All training hyperparameters follow the ImageNet recipe (spec section 4) except the
+size, batch, learning rate, warm-up and number of steps.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.base_config()
+  c.data = common.mnist_data()
+  c.model = common.model_config(
+      "tiny", input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+      bottleneck_dim=16, in_context_len=4, in_context_start=2, num_classes=10)
+  c.model.rank = 4
+  c.batch_size = 64
+  c.num_steps = 1500
+  c.lr = 1e-3
+  c.warmup_steps = 100
+  c.ema_decays = (0.999,)
+  c.log_every = 25
+  c.checkpoint.every = 500
+  c.sample.every = 0
+  c.sample.num_steps = 20
+  c.subspace.num_images = 5000
+  return common.apply_arg(c, arg)

@@ -1,0 +1,18 @@
+"""A training config small enough to compile in seconds on a 2-core CPU."""
+
+from configs import default
+
+
+def tiny_train_config(num_steps: int = 4):
+  c = default.get_config()
+  m = c.model
+  m.hidden_size, m.depth, m.num_heads, m.bottleneck_dim = 32, 2, 2, 16
+  m.in_context_len, m.in_context_start = 2, 1
+  c.batch_size = 8
+  c.num_steps = num_steps
+  c.warmup_steps = 2
+  c.log_every = 1
+  c.checkpoint.every = 2
+  c.checkpoint.async_save = False
+  c.subspace.num_images = 200
+  return c
