@@ -34,6 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
 from asymflow_jax.data import pipeline as data_pipeline
@@ -220,12 +221,14 @@ def _pca_from_data(config) -> subspace_lib.Subspace:
 # ------------------------------------------------------------------------------- state & sharding
 
 
-def _abstract_state(model, optimizer, config, sub) -> TrainState:
+def abstract_state(model, optimizer, config) -> TrainState:
+  """Shapes and dtypes of the TrainState (no allocation)."""
+  d = model.config.patch_dim
   def init():
-    params = asymjit.init_params(model, jax.random.key(0), jnp.zeros((sub.dim, sub.rank)))
+    params = asymjit.init_params(model, jax.random.key(0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema=tuple(params for _ in config.ema_decays), rng=jax.random.key(0),
-                      basis=jnp.zeros((sub.dim, sub.rank)), scale=jnp.zeros(()),
+                      basis=jnp.zeros((d, config.model.rank)), scale=jnp.zeros(()),
                       nonfinite_step=jnp.full((), -1, jnp.int32))
   return jax.eval_shape(init)
 
@@ -256,6 +259,22 @@ def compile_train_step(model, optimizer, config, mesh, shardings):
   step = functools.partial(train_step, model=model, config=config, optimizer=optimizer)
   return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, shd.replicated(mesh)),
                  donate_argnums=(0,))
+
+
+def lower_train_step(config, mesh=None):
+  """Lowers (no compile, no run) the sharded train step with abstract inputs: a cheap check that a
+  large config (e.g. H/16 on a pod mesh) is consistent, before any device memory is used."""
+  validate_config(config, jax.device_count() if mesh is None else mesh.size)
+  mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
+  model, optimizer = model_from_config(config), make_optimizer(config)
+  abstract = abstract_state(model, optimizer, config)
+  shardings = state_shardings(model, optimizer, config, mesh, abstract)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  m, b = config.model, config.batch_size
+  batch = dict(image=jax.ShapeDtypeStruct((b, m.input_size, m.input_size, m.in_channels), jnp.float32,
+                                          sharding=shd.batch_sharding(mesh, 4)),
+               label=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shd.batch_sharding(mesh, 1)))
+  return compile_train_step(model, optimizer, config, mesh, shardings).lower(state, batch), shardings
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -290,6 +309,23 @@ def restore_checkpoint(mngr, abstract: TrainState, shardings: TrainState, step: 
 # ------------------------------------------------------------------------------------------ loop
 
 
+def write_samples(state: TrainState, model, config, mesh, path: str) -> np.ndarray:
+  """A PNG grid of ``config.sample.num_images`` class-balanced EMA samples (Heun, CFG); returns uint8."""
+  c = config.sample
+  n = c.num_images - c.num_images % shd.batch_divisor(mesh)
+  indices = jax.device_put(jnp.arange(n), shd.batch_sharding(mesh, 1))
+  images = sampling.generate(model, state.ema[0], state.basis, state.scale, jax.random.key(config.seed + 1), indices,
+                             jnp.float32(c.guidance), (jnp.float32(c.interval[0]), jnp.float32(c.interval[1])),
+                             num_steps=c.num_steps, method=c.method, cfg=c.guidance != 1.0)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  images = sampling.to_uint8(multihost_utils.process_allgather(images, tiled=True))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sampling.save_png(path, images, cols=model.config.num_classes if n % model.config.num_classes == 0 else None,
+                      upscale=max(1, 128 // model.config.input_size))
+  return images
+
+
 class _Preemption:
   """Sets a flag on SIGTERM so the loop can save and exit cleanly."""
 
@@ -316,10 +352,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   optimizer = make_optimizer(config)
   os.makedirs(workdir, exist_ok=True)
   sub = load_or_make_subspace(config, workdir)
-  abstract = _abstract_state(model, optimizer, config, sub)
+  abstract = abstract_state(model, optimizer, config)
   shardings = state_shardings(model, optimizer, config, mesh, abstract)
   pipe = data_pipeline.make_pipeline(config.data, seed=config.seed, global_batch_size=config.batch_size)
   iterator = iter(pipe)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
     state, data_state = restore_checkpoint(mngr, abstract, shardings)
@@ -364,6 +403,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       sys.exit(0)
     if done % config.checkpoint.every == 0 or done == config.num_steps:
       save_checkpoint(mngr, state, _data_state(iterator), force=done == config.num_steps)
+    if (config.sample.every and done % config.sample.every == 0) or done == config.num_steps:
+      path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+      write_samples(state, model, config, mesh, path)
+      _log(f"wrote {path}")
   mngr.wait_until_finished()
   mngr.close()
   writer.close()

@@ -27,5 +27,8 @@ def get_config(arg: str | None = None):
   c.checkpoint.every = 500
   c.sample.every = 0
   c.sample.num_steps = 20
+  c.sample.num_images = 100     # 10 per class, one class per column
+  c.sample.guidance = 2.0
+  c.sample.interval = (0.0, 1.0)
   c.subspace.num_images = 5000
   return common.apply_arg(c, arg)

@@ -137,3 +137,20 @@ def test_nonfinite_loss_is_reported_and_not_saved(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 1"):
     train.train(c, str(tmp_path), progress=False)
   assert not (tmp_path / "checkpoints" / "2").exists()
+
+
+def test_imagenet_h16_train_step_lowers_on_8_fake_devices(tmp_path):
+  out = tmp_path / "lower.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "lower_worker.py"), str(out)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.loads(out.read_text())
+  assert info["devices"] == 8 and info["num_blocks"] == 32
+  assert info["num_params"] == 952_514_368  # JiT-H/16 (the paper's 953M)
+  assert info["has_bf16"]                  # bf16 compute is in the lowered program
+  # FSDP over the fsdp axis; the Adam moments follow their parameters; the step counters are replicated
+  assert info["qkv_spec"] == "PartitionSpec('fsdp', 'tensor')" or info["qkv_spec"] == "P('fsdp', 'tensor')"
+  specs = info["opt_specs"]
+  assert {v for k, v in specs.items() if ".mu[" in k or ".nu[" in k} == {info["qkv_spec"]}
+  assert {v for k, v in specs.items() if k.endswith("count")} == {"P()"}

@@ -1,0 +1,137 @@
+"""Samplers against the exact Gaussian flow, CFG interval semantics, compile-once, determinism."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from asymflow_jax import sampling
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+M, S = 0.7, 0.4  # data x0 ~ N(M, S^2) per dimension
+
+
+def gaussian_velocity(x, sigma, labels):
+  """Exact E[eps - x0 | x_sigma] for x0 ~ N(M, S^2), eps ~ N(0, 1) (derived by Gaussian conditioning)."""
+  del labels
+  s = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+  var = (1 - s) ** 2 * S ** 2 + s ** 2
+  centred = x - (1 - s) * M
+  e_x0 = M + (1 - s) * S ** 2 / var * centred
+  e_eps = s / var * centred
+  return e_eps - e_x0
+
+
+def _exact_endpoint(z):
+  # the ODE transports x(sigma) = (1 - sigma) M + sqrt(var(sigma)) z, so x(0) = M + S z
+  return M + S * z
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2)])
+def test_convergence_order_on_gaussian_data(method, order):
+  z = jax.random.normal(jax.random.key(0), (64, 8))
+  labels = jnp.zeros((64,), jnp.int32)
+  errors = []
+  for n in (8, 16, 32):
+    x = sampling.sample(gaussian_velocity, z, labels, num_steps=n, method=method, cfg=False)
+    errors.append(float(jnp.max(jnp.abs(x - _exact_endpoint(z)))))
+  rates = [np.log2(errors[i] / errors[i + 1]) for i in range(2)]
+  assert all(abs(r - order) < 0.2 for r in rates), (errors, rates)  # error ~ C / N^order
+
+
+def test_sigma_grid_and_evaluation_count():
+  grid = sampling.sigma_grid(50)
+  assert grid.dtype == np.float32 and grid.shape == (51,) and grid[0] == 1.0 and grid[-1] == 0.0
+  np.testing.assert_allclose(grid[:3], [1.0, 0.98, 0.96], rtol=1e-6)
+  # the ImageNet interval [0, 0.88]: the first six sigmas (1 ... 0.90) are unguided, 0.88 onwards guided
+  assert list(grid[:7] <= np.float32(0.88)) == [False] * 6 + [True]
+  shifted = sampling.sigma_grid(4, shift=3.0)
+  raw = np.array([1.0, 0.75, 0.5, 0.25])
+  np.testing.assert_allclose(shifted[:4], 3 * raw / (1 + 2 * raw), rtol=1e-6)
+  # count evaluations at run time through a host callback
+  counter = {"n": 0}
+
+  def vel(x, sigma, labels):
+    jax.debug.callback(lambda: counter.__setitem__("n", counter["n"] + 1))
+    return jnp.zeros_like(x)
+  for method, n in (("heun", 5), ("euler", 5)):
+    counter["n"] = 0
+    jax.block_until_ready(sampling.sample(vel, jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), num_steps=n,
+                                          method=method, cfg=False))
+    jax.effects_barrier()
+    assert counter["n"] == sampling.num_evaluations(n, method) == (9 if method == "heun" else 5)
+
+
+def test_cfg_interval_is_inclusive_in_sigma():
+  def vel(x, sigma, labels):  # conditional velocity 1, unconditional 0
+    return jnp.where((labels == 10)[:, None], 0.0, 1.0) + 0 * x
+  x, labels = jnp.zeros((3, 2)), jnp.array([1, 2, 3])
+  g = lambda s: sampling.guided_velocity(vel, x, jnp.float32(s), labels, null_label=10, guidance=2.3,
+                                         interval=(0.0, jnp.float32(0.88)))
+  np.testing.assert_allclose(np.asarray(g(0.88)), 2.3)      # inclusive upper bound
+  np.testing.assert_allclose(np.asarray(g(0.0)), 2.3)       # inclusive lower bound
+  np.testing.assert_allclose(np.asarray(g(0.9)), 1.0)       # outside: g = 1 (conditional only)
+  np.testing.assert_allclose(np.asarray(g(0.5)), 2.3)
+
+
+def test_orthogonal_guidance_removes_component_along_x0():
+  def vel(x, sigma, labels):
+    return jnp.where((labels == 10)[:, None], jnp.array([0.0, 0.0]), jnp.array([1.0, 2.0])) + 0 * x
+  x = jnp.array([[3.0, 1.0]])
+  out = sampling.guided_velocity(vel, x, jnp.float32(0.5), jnp.array([0]), null_label=10, guidance=3.0,
+                                 interval=(0.0, 1.0), orthogonal=1.0)
+  pos = np.array([1.0, 2.0])
+  x0 = np.array([3.0, 1.0]) - 0.5 * pos        # (2.5, 0)
+  bias = pos - (pos @ x0) / (x0 @ x0) * x0      # (0, 2)
+  np.testing.assert_allclose(np.asarray(out)[0], pos + 2.0 * bias, rtol=1e-6)
+
+
+def test_heun_cfg_compiles_once_for_different_guidance():
+  traces = {"n": 0}
+
+  def vel(x, sigma, labels):
+    traces["n"] += 1
+    return gaussian_velocity(x, sigma, labels) * (1 + 0.1 * (labels[:, None] == 10))
+
+  @jax.jit
+  def run(noise, labels, guidance, hi):
+    return sampling.sample(vel, noise, labels, num_steps=50, method="heun", guidance=guidance, interval=(0.0, hi),
+                           null_label=10)
+  z, y = jnp.ones((2, 4)), jnp.array([1, 2])
+  outs = [run(z, y, g, 0.88) for g in (1.0, 2.3, 4.0)]
+  assert run._cache_size() == 1
+  assert traces["n"] == 3  # traced once: predictor + corrector in the loop body, and the final Euler step
+  assert not np.allclose(outs[1], outs[2])
+
+
+def test_images_do_not_depend_on_device_count(tmp_path):
+  script = REPO / "tests" / "sampling_worker.py"
+  outs = []
+  for devices in (1, 8):
+    out = tmp_path / f"d{devices}.npz"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs.append(np.load(out))
+  assert int(outs[0]["devices"]) == 1 and int(outs[1]["devices"]) == 8
+  np.testing.assert_array_equal(outs[0]["images"], outs[1]["images"])
+  assert outs[0]["images"].std() > 5  # real images, not a constant
+
+
+def test_asymjit_heun_cfg_compiles_once_across_guidance_values():
+  from tests.sampling_worker import perturbed_tiny_model  # noqa: PLC0415
+  model, params, basis = perturbed_tiny_model()
+  idx = jnp.arange(4)
+  run = lambda g: sampling.generate(model, params, basis, 1.0, jax.random.key(0), idx, jnp.float32(g),
+                                    (jnp.float32(0.0), jnp.float32(0.88)), num_steps=50, method="heun")
+  before = sampling.generate._cache_size()
+  images = [np.asarray(run(g)) for g in (1.5, 2.3, 4.0)]
+  assert sampling.generate._cache_size() == before + 1
+  assert np.abs(images[0] - images[2]).max() > 1e-2   # the scale changes the result
