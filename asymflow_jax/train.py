@@ -34,6 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import distributed
 from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
@@ -327,10 +328,17 @@ def write_samples(state: TrainState, model, config, mesh, path: str) -> np.ndarr
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM so the loop can save and exit cleanly."""
+  """Sets a flag on SIGTERM so a single-process loop can save and exit cleanly.
+
+  Multi-process runs rely on JAX's own preemption sync (``CheckpointManager.reached_preemption``),
+  which makes every process stop at the same step; a Python handler would replace it and let one
+  process exit while the others block in a collective.
+  """
 
   def __init__(self):
     self.requested = False
+    if jax.process_count() > 1:
+      return
     try:
       signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread
@@ -347,6 +355,7 @@ def _data_state(iterator) -> dict:
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> TrainState:
   """Runs (or resumes) training; returns the final state."""
   validate_config(config, jax.device_count())
+  distributed.check_config_agreement(config, dict(workdir=workdir))
   mesh = shd.make_mesh(config.mesh)
   model = model_from_config(config)
   optimizer = make_optimizer(config)
@@ -468,8 +477,8 @@ def main(argv):
   del argv
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = flags.FLAGS.config
-  train(config, flags.FLAGS.workdir)
+  distributed.initialize_from_flags()  # before any other JAX call; no-op for a single process
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 def _cli():
@@ -478,6 +487,7 @@ def _cli():
   config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
   flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples")
   flags.mark_flags_as_required(["config", "workdir"])
+  distributed.define_flags()
   sys.path.insert(0, os.getcwd())  # configs/ imports `configs.common`
   app.run(main)
 

@@ -2,9 +2,10 @@
 JiT-B/16 (131M parameters). LakonLab configures only H/16; B/16 uses the same recipe here
 (with the H/16 config's proj_dropout 0.2 as in the ImageNet config).
 
-    python -m asymflow_jax.train --config=configs/imagenet256_b16.py --workdir=gs://BUCKET/asymflow_b16 \
+    python -m asymflow_jax.train --config=configs/imagenet256_b16.py --workdir=/mnt/gcs/asymflow_b16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
+The workdir is a filesystem path (mount a bucket with gcsfuse on every host).
 Data: TFDS imagenet2012 prepared in array_record format (ADM centre crop 256, random flip).
 Optimiser: AdamW lr 2e-4, betas (0.9, 0.95), wd 0, 5-epoch linear warm-up (6255 it), batch 1024,
 750,600 iterations (600 epochs); EMA 0.9999 from iteration 0; bf16 compute with fp32 master

@@ -1,9 +1,10 @@
 """AsymFlow-H/16 on ImageNet 256, rank 8 PCA subspace: the paper's recipe (spec section 4).
 The LakonLab ImageNet config (JiT-H/16: hidden 1280, depth 32, 953M parameters).
 
-    python -m asymflow_jax.train --config=configs/imagenet256_h16.py --workdir=gs://BUCKET/asymflow_h16 \
+    python -m asymflow_jax.train --config=configs/imagenet256_h16.py --workdir=/mnt/gcs/asymflow_h16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
+The workdir is a filesystem path (mount a bucket with gcsfuse on every host).
 Data: TFDS imagenet2012 prepared in array_record format (ADM centre crop 256, random flip).
 Optimiser: AdamW lr 2e-4, betas (0.9, 0.95), wd 0, 5-epoch linear warm-up (6255 it), batch 1024,
 750,600 iterations (600 epochs); EMA 0.9999 from iteration 0; bf16 compute with fp32 master

@@ -112,6 +112,12 @@ def test_resume_is_exact(tmp_path):
   assert la[3] == lb[3] and la[4] == lb[4]
   # the subspace, optimizer state and step live in the checkpoint
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2", "4"]
+  # TensorBoard scalars next to metrics.jsonl, incl. the loss by sigma bucket
+  events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+  assert events and events[0].stat().st_size > 0
+  with open(tmp_path / "a" / "metrics.jsonl") as f:
+    first = json.loads(f.readline())
+  assert {"loss", "grad_norm", "lr", "img_per_s"} <= set(first) and any(k.startswith("loss_sigma_") for k in first)
 
 
 def test_eight_devices_match_one_and_restore_on_one(tmp_path):

@@ -1,0 +1,325 @@
+"""Multi-process training on 127.0.0.1 (2 JAX processes x 2 CPU devices) and the launchers.
+
+The 2-process runs go through ``launch/local_multiprocess.py`` with ``tests/multiprocess_worker.py``.
+Each process reads its own strided shard of the data (grain per-process sharding), so the global
+batch of a 2-process run is NOT the batch of a plain 1-process run; the single-process reference
+therefore reads the concatenation of the two per-process pipelines (``--emulate_processes 2``),
+which is exactly the global batch the 2 processes assemble.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from asymflow_jax import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKER = "tests/multiprocess_worker.py"
+MESH = "2,2,1"   # data=2 x fsdp=2 over 2 processes x 2 devices: parameters sharded across processes
+TIMEOUT = 420
+
+
+_SHARED = {}   # per test run: a folder all xdist workers share (the 2-process run, the compile cache)
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  if "root" not in _SHARED:
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = (tmp_path_factory.getbasetemp().parent / f"mp-{uid}") if uid else (tmp_path_factory.getbasetemp() / "mp")
+    root.mkdir(parents=True, exist_ok=True)
+    _SHARED["root"] = root
+  return _SHARED["root"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+  """A persistent XLA compile cache for the worker subprocesses: compiling dominates their runtime."""
+  _SHARED["cache"] = str(_shared_root(tmp_path_factory) / "jax_cache")
+
+
+def _env(devices=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  if "cache" in _SHARED:
+    env.update(JAX_COMPILATION_CACHE_DIR=_SHARED["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _launch_cmd(workdir, steps, out, *extra):
+  return [sys.executable, "launch/local_multiprocess.py", "--num_processes=2", "--devices_per_process=2",
+          f"--script={WORKER}", f"--timeout={TIMEOUT - 20}", "--", f"--workdir={workdir}", f"--steps={steps}",
+          f"--out={out}", f"--mesh={MESH}", *extra]
+
+
+def _two_processes(workdir, steps, out, *extra):
+  proc = subprocess.run(_launch_cmd(workdir, steps, out, *extra), env=_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  return proc.stdout
+
+
+def _one_process(workdir, steps, out, devices, *extra):
+  proc = subprocess.run([sys.executable, WORKER, f"--workdir={workdir}", f"--steps={steps}", f"--out={out}", *extra],
+                        env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc.stdout
+
+
+def _infos(stdout):
+  return [json.loads(line.split("WORKER_INFO ", 1)[1]) for line in stdout.splitlines() if "WORKER_INFO " in line]
+
+
+def _params(path):
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files if k.startswith("[")}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+@contextlib.contextmanager
+def _locked(path):
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+  """2 processes x 2 devices, 4 steps, checkpoints at 2 and 4; computed once per test run (xdist-safe)."""
+  root = _shared_root(tmp_path_factory)
+  workdir, out, done = root / "uninterrupted", root / "uninterrupted.npz", root / "uninterrupted.stdout"
+  with _locked(root / "lock"):
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      stdout = _two_processes(workdir, 4, out)
+      done.write_text(stdout)
+  return dict(workdir=workdir, out=out, stdout=done.read_text())
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(request, tmp_path):
+  _one_process(tmp_path / "one", 4, tmp_path / "one.npz", 4, f"--mesh={MESH}", "--emulate_processes=2")
+  uninterrupted = request.getfixturevalue("uninterrupted")   # late: runs in parallel on the other worker
+  infos = sorted(_infos(uninterrupted["stdout"]), key=lambda i: i["process_index"])
+  assert [(i["process_index"], i["process_count"], i["device_count"], i["local_device_count"], i["step"])
+          for i in infos] == [(0, 2, 4, 2, 4), (1, 2, 4, 2, 4)]
+  assert infos[0]["device_processes"] == [0, 0, 1, 1]          # process 0's rows come first in the batch
+  assert infos[0]["config_sha256"] == infos[1]["config_sha256"]
+  multi, single = _losses(uninterrupted["workdir"]), _losses(tmp_path / "one")
+  assert [s for s, _ in multi] == [s for s, _ in single] == [1, 2, 3, 4]
+  for (step, lm), (_, ls) in zip(multi, single):
+    assert abs(lm - ls) <= 1e-5 * abs(ls), (step, lm, ls)
+  pm, ps = _params(uninterrupted["out"]), _params(tmp_path / "one.npz")
+  assert len(pm) == len(ps) > 10 and pm.keys() == ps.keys()
+  for k in ps:
+    np.testing.assert_allclose(pm[k], ps[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  assert sorted(os.listdir(uninterrupted["workdir"] / "checkpoints")) == ["2", "4"]
+
+
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(request, tmp_path):
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_launch_cmd(workdir, 4, tmp_path / "unused.npz", "--hang_after_checkpoint=2"),
+                          env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  try:
+    deadline = time.time() + TIMEOUT
+    while not all((workdir / f"hang_{i}").exists() for i in (0, 1)):
+      assert proc.poll() is None, proc.stdout.read()[-4000:]
+      assert time.time() < deadline, "the step-2 checkpoint never appeared"
+      time.sleep(0.2)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both training processes, mid-run
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]   # committed; nothing after step 2
+  assert [s for s, _ in _losses(workdir)] == [1, 2]
+  for i in (0, 1):
+    (workdir / f"hang_{i}").unlink()
+
+  stdout = _two_processes(workdir, 4, tmp_path / "resumed.npz")   # fresh coordinator port, resumes at 2
+  assert "resumed from step 2" in stdout
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  uninterrupted = request.getfixturevalue("uninterrupted")
+  want, got = _params(uninterrupted["out"]), _params(tmp_path / "resumed.npz")
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert _losses(workdir) == _losses(uninterrupted["workdir"])   # same batches and noise after the restart
+
+
+def test_two_process_checkpoint_restores_in_one_process(uninterrupted, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(uninterrupted["workdir"], workdir)
+  # num_steps = 4 = the latest checkpoint: train() only restores, on 1 process x 1 device
+  _one_process(workdir, 4, tmp_path / "restored.npz", 1)
+  want, got = _params(uninterrupted["out"]), _params(tmp_path / "restored.npz")
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # and training continues there to step 6
+  stdout = _one_process(workdir, 6, tmp_path / "six.npz", 1)
+  assert _infos(stdout)[0]["step"] == 6 and _infos(stdout)[0]["process_count"] == 1
+  losses = _losses(workdir)
+  assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in losses)
+  assert losses[:4] == _losses(uninterrupted["workdir"])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+  six = _params(tmp_path / "six.npz")
+  assert any(not np.array_equal(six[k], want[k]) for k in want)
+
+
+def test_config_disagreement_names_the_process(tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, WORKER, f"--workdir={tmp_path}", "--steps=4", "--check_only",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                             f"--lr={lr}"], env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i, lr in enumerate((1e-3, 2e-3))]
+  outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode != 0, out[-2000:]
+    assert "the experiment config differs across processes: processes [1] disagree with process 0" in out, out[-3000:]
+
+
+def _free_port():
+  sys.path.insert(0, str(REPO / "launch"))
+  try:
+    import local_multiprocess  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  return local_multiprocess.free_port()
+
+
+# ------------------------------------------------------------------------------ no processes
+
+
+def test_initialize_stays_single_process_without_a_cluster(monkeypatch):
+  for var in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+              "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "OMPI_MCA_orte_hnp_uri",
+              "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID",
+              "ASYMFLOW_DISTRIBUTED"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.detect_environment() == "single"
+  assert distributed.initialize() is False and distributed.initialize() is False
+  assert distributed.initialize("127.0.0.1:1", 1, 0) is False        # one process: nothing to start
+  with pytest.raises(ValueError, match="pass all of coordinator_address, num_processes and process_id"):
+    distributed.initialize("127.0.0.1:1", 2)
+  with pytest.raises(ValueError, match=r"process_id=2 is outside \[0, num_processes=2\)"):
+    distributed.initialize("127.0.0.1:1", 2, 2)
+  for var, value in dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_NTASKS="2", SLURM_PROCID="0",
+                         SLURM_LOCALID="0", SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="8").items():
+    monkeypatch.setenv(var, value)
+  assert distributed.detect_environment() == "slurm"
+  assert distributed._slurm_local_device_ids() == list(range(8))   # one process owns all 8 GPUs of its node
+  monkeypatch.setenv("ASYMFLOW_DISTRIBUTED", "0")
+  assert distributed.detect_environment() == "single"
+  assert distributed.is_primary()
+  from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
+  a, b = tiny_train_config(), tiny_train_config()
+  assert distributed.config_hash(a) == distributed.config_hash(b) == distributed.check_config_agreement(a)
+  b.lr = 2e-3
+  assert distributed.config_hash(a) != distributed.config_hash(b)
+  assert distributed.config_hash(a, dict(workdir="w1")) != distributed.config_hash(a, dict(workdir="w2"))
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _run(cmd, **env):
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_sweep_dry_run_lists_the_cartesian_product():
+  out = _run([sys.executable, "launch/sweep.py", "--config=configs/default.py", "--workdir=workdirs/sweep",
+              "--sweep", "model.rank=0,4,8,D", "--sweep", "subspace.kind=pca,random", "--dry-run", "--",
+              "--config.num_steps=100"])
+  lines = [l for l in out.splitlines() if not l.startswith("#")]
+  assert "# D = patch_size^2 * in_channels = 16" in out and "# 8 runs" in out
+  assert len(lines) == 8
+  runs = [shlex.split(l) for l in lines]
+  assert all(r[1:3] == ["-m", "asymflow_jax.train"] and "--config=configs/default.py" in r
+             and r[-1] == "--config.num_steps=100" for r in runs)
+  workdirs = [next(a.split("=", 1)[1] for a in r if a.startswith("--workdir=")) for r in runs]
+  assert workdirs == [f"workdirs/sweep/rank{r}_kind-{k}" for r in (0, 4, 8, 16) for k in ("pca", "random")]
+  ranks = [next(a for a in r if a.startswith("--config.model.rank=")) for r in runs]
+  assert ranks == [f"--config.model.rank={r}" for r in (0, 4, 8, 16) for _ in range(2)]
+  kinds = [next(a for a in r if a.startswith("--config.subspace.kind=")) for r in runs]
+  assert kinds == [f"--config.subspace.kind={k}" for _ in range(4) for k in ("pca", "random")]
+  # D follows the (overridden) patch size: 2 x 2 x 1 = 4, and 4 appears once
+  out = _run([sys.executable, "launch/sweep.py", "--config=configs/default.py", "--workdir=w", "--sweep",
+              "model.rank=2,4,D", "--launcher=local", "--num_processes=2", "--dry-run", "--",
+              "--config.model.patch_size=2"])
+  lines = [l for l in out.splitlines() if not l.startswith("#")]
+  assert [shlex.split(l)[1] for l in lines] == ["launch/local_multiprocess.py"] * 2
+  assert ["--workdir=w/rank2" in l and "--workdir=w/rank4" not in l for l in lines] == [True, False]
+  assert all("--num_processes=2 --devices_per_process=1 -- --config=configs/default.py" in l for l in lines)
+
+
+def test_local_multiprocess_dry_run():
+  out = _run([sys.executable, "launch/local_multiprocess.py", "--num_processes=3", "--devices_per_process=2",
+              "--port=12345", "--dry-run", "--", "--config=configs/default.py:runlocal", "--workdir=w"])
+  lines = out.splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    args = shlex.split(line)
+    assert args[:2] == ["XLA_FLAGS=--xla_force_host_platform_device_count=2", "JAX_PLATFORMS=cpu"]
+    assert args[3:] == ["-m", "asymflow_jax.train", "--config=configs/default.py:runlocal", "--workdir=w",
+                        "--coordinator_address=127.0.0.1:12345", "--num_processes=3", f"--process_id={i}"]
+
+
+def test_tpu_pod_dry_run_prints_complete_commands():
+  out = _run(["bash", "launch/tpu_pod.sh", "--tpu", "asym-v5p-64", "--zone", "us-east5-a", "--project", "my-proj",
+              "--config=configs/imagenet256_h16.py", "--workdir=gs://my-bucket/asymflow/h16", "--repo",
+              "https://github.com/me/asymflow_jax.git", "--config.model.rank=8", "--dry-run"])
+  setup, train = [shlex.split(l) for l in out.strip().splitlines()]
+  prefix = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "asym-v5p-64", "--zone=us-east5-a", "--project=my-proj",
+            "--worker=all"]
+  assert setup[:-1] == prefix and train[:-1] == prefix
+  setup_cmd = setup[-1].removeprefix("--command=")
+  for piece in ("git clone -q --branch main https://github.com/me/asymflow_jax.git ~/asymflow_jax",
+                "pull -q --ff-only", "python3 -m venv .venv", ".venv/bin/pip install -q -r requirements.txt",
+                '.venv/bin/pip install -q -U "jax[tpu]==0.10.2"'):
+    assert piece in setup_cmd, (piece, setup_cmd)
+  assert train[-1] == ("--command=cd ~/asymflow_jax && mkdir -p logs && .venv/bin/python -m asymflow_jax.train "
+                       "--config=configs/imagenet256_h16.py --workdir=gs://my-bucket/asymflow/h16 "
+                       "--config.model.rank=8 2>&1 | tee -a logs/train.log")
+  detached = _run(["bash", "launch/tpu_pod.sh", "--no-setup", "--detach", "--dry-run", "--config=configs/imagenet256_h16.py",
+                   "--workdir=/mnt/ckpt"], TPU_NAME="t", ZONE="z")
+  assert detached.count("\n") == 1 and "nohup .venv/bin/python -m asymflow_jax.train" in detached
+  bad = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")})
+  assert bad.returncode == 2 and "missing --tpu --zone --config --workdir" in bad.stderr and "usage:" in bad.stderr
+
+
+def test_slurm_dry_run_prints_the_srun_command():
+  want = ("srun --ntasks-per-node=1 --kill-on-bad-exit=1 .venv/bin/python -m asymflow_jax.train "
+          "--config=configs/imagenet256_h16.py --workdir=/shared/h16 --config.model.rank=8")
+  args = ["--config=configs/imagenet256_h16.py", "--workdir=/shared/h16", "--config.model.rank=8"]
+  for out in (_run(["bash", "launch/slurm_gpu.sbatch", "--dry-run", *args]),
+              _run(["bash", "launch/slurm_gpu.sbatch", *args], DRY_RUN="1", SLURM_GPUS_ON_NODE="8")):
+    env_line, cmd = out.strip().splitlines()
+    assert cmd == want
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in env_line
+  header = (REPO / "launch" / "slurm_gpu.sbatch").read_text()
+  for directive in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --nodes=",
+                    "#SBATCH --signal=TERM@", "#SBATCH --requeue"):
+    assert directive in header
