@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-import jax
 import jax.numpy as jnp
 
 from asymflow_jax import asymflow as af
@@ -53,6 +52,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   sys.path.insert(0, os.getcwd())
   from configs import default  # pylint: disable=import-outside-toplevel
+  from asymflow_jax import evaluate  # pylint: disable=import-outside-toplevel
   from asymflow_jax.evaluation import classifier  # pylint: disable=import-outside-toplevel
 
   config = default.get_config()
@@ -70,19 +70,14 @@ def main(argv=None) -> int:
 
   mesh = shd.make_mesh(config.mesh)
   model = train.model_from_config(config)
-  n = args.num_eval + (-args.num_eval) % shd.batch_divisor(mesh)
   t1 = time.time()
-  idx = jax.device_put(jnp.arange(n), shd.batch_sharding(mesh, 1))
-  c = config.sample
-  images = sampling.generate(model, state.ema[0], state.basis, state.scale, jax.random.key(1234), idx,
-                             jnp.float32(c.guidance), (jnp.float32(c.interval[0]), jnp.float32(c.interval[1])),
-                             num_steps=c.num_steps, method=c.method)
-  images = np.asarray(images)
+  images = train.generate_samples(state, model, config, mesh, args.num_eval, seed=1234)
   t_sample = time.time() - t1
   cache = os.path.join(args.workdir, "digit_classifier.msgpack")
-  score = classifier.digit_fd(images, cache_path=cache)
+  score = evaluate.score_images(images, "fdd", classifier_cache=cache)
   _, held = classifier.held_out_split()
-  floor = classifier.digit_fd(digits[held][:n], cache_path=cache)
+  floor = evaluate.score_images(digits[held][:args.num_eval], "fdd", classifier_cache=cache)
+  n = args.num_eval
   result = dict(step=int(state.step), fdd_samples=score["fdd"], fdd_real_heldout=floor["fdd"],
                 digit_is_samples=score["digit_is"], digit_is_real=floor["digit_is"], num_eval=n,
                 train_seconds=round(t_train, 1), sample_seconds=round(t_sample, 1))
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
     json.dump(result, f, indent=2)
   grid = sorted(os.listdir(os.path.join(args.workdir, "samples")))[-1]
   print(f"[demo] samples: {os.path.join(args.workdir, 'samples', grid)}")
-  print(f"[demo] subspace: {os.path.join(args.workdir, 'subspace_pca_p4_r4.npz')} and subspace_parts.png")
+  print(f"[demo] subspace: {train.subspace_cache_path(config, args.workdir)} and subspace_parts.png")
   print(f"[demo] Frechet Digit Distance of {n} samples: {score['fdd']:.2f} (held-out real digits: {floor['fdd']:.2f}); "
         f"digit IS {score['digit_is']:.2f} (real: {floor['digit_is']:.2f})")
   print(f"[demo] train {t_train:.0f} s, sampling {t_sample:.0f} s; result in {args.workdir}/demo_result.json")

@@ -18,8 +18,6 @@ import ml_collections
 import numpy as np
 
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
 
 from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
@@ -53,18 +51,14 @@ def generate_all(model, params, state, mesh, *, num: int, batch: int, seed: int,
   divisor = shd.batch_divisor(mesh)
   if batch % divisor:
     raise ValueError(f"--batch={batch} is not divisible by the {divisor} data-parallel devices.")
-  out = []
   chunks = range(0, num, batch)
   if progress and jax.process_index() == 0:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     chunks = tqdm(chunks, desc="sample", unit="batch", file=sys.stderr)
-  for start in chunks:
-    idx = jax.device_put(jnp.arange(start, start + batch), shd.batch_sharding(mesh, 1))
-    images = sampling.generate(model, params, state.basis, state.scale, jax.random.key(seed), idx,
-                               jnp.float32(guidance), (jnp.float32(interval[0]), jnp.float32(interval[1])),
-                               num_steps=steps, method=method, cfg=guidance != 1.0)
-    out.append(sampling.to_uint8(multihost_utils.process_allgather(images, tiled=True)))
-  images = np.concatenate(out)[:num]
+  images = np.concatenate([
+      sampling.generate_on_mesh(model, params, state.basis, state.scale, mesh, start, batch, seed=seed,
+                                guidance=guidance, interval=interval, num_steps=steps, method=method)
+      for start in chunks])[:num]
   return images, (np.arange(num) % model.config.num_classes).astype(np.int32)
 
 

@@ -29,7 +29,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax
-import flax.linen as nn
 import optax
 import orbax.checkpoint as ocp
 
@@ -175,11 +174,19 @@ def validate_config(config, num_devices: int):
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
+  if config.eval.every and config.eval.metric == "fid" and not (config.eval.inception and config.eval.reference):
+    raise ValueError("config.eval.every is set with metric 'fid' but config.eval.inception / config.eval.reference "
+                     "are empty; give both .npz paths (docs/evaluation.md) or use metric 'fdd' for digits.")
   if not config.ema_decays or any(not 0 <= e < 1 for e in config.ema_decays):
     raise ValueError(f"config.ema_decays must be a non-empty tuple of values in [0, 1), got {config.ema_decays}.")
 
 
 # -------------------------------------------------------------------------------------- subspace
+
+
+def subspace_cache_path(config, workdir: str) -> str:
+  m = config.model
+  return os.path.join(workdir, f"subspace_{config.subspace.kind}_p{m.patch_size}_r{m.rank}.npz")
 
 
 def load_or_make_subspace(config, workdir: str | None) -> subspace_lib.Subspace:
@@ -189,7 +196,7 @@ def load_or_make_subspace(config, workdir: str | None) -> subspace_lib.Subspace:
   if s.kind == "file":
     sub = subspace_lib.Subspace.load(s.path)
   else:
-    cache = os.path.join(workdir, f"subspace_{s.kind}_p{m.patch_size}_r{m.rank}.npz") if workdir else None
+    cache = subspace_cache_path(config, workdir) if workdir else None
     if cache and os.path.exists(cache):
       sub = subspace_lib.Subspace.load(cache)
     else:
@@ -310,21 +317,35 @@ def restore_checkpoint(mngr, abstract: TrainState, shardings: TrainState, step: 
 # ------------------------------------------------------------------------------------------ loop
 
 
-def write_samples(state: TrainState, model, config, mesh, path: str) -> np.ndarray:
-  """A PNG grid of ``config.sample.num_images`` class-balanced EMA samples (Heun, CFG); returns uint8."""
+def generate_samples(state: TrainState, model, config, mesh, num: int, seed: int) -> np.ndarray:
+  """uint8 EMA samples (class-balanced; sampler and CFG from ``config.sample``), on every process."""
   c = config.sample
-  n = c.num_images - c.num_images % shd.batch_divisor(mesh)
-  indices = jax.device_put(jnp.arange(n), shd.batch_sharding(mesh, 1))
-  images = sampling.generate(model, state.ema[0], state.basis, state.scale, jax.random.key(config.seed + 1), indices,
-                             jnp.float32(c.guidance), (jnp.float32(c.interval[0]), jnp.float32(c.interval[1])),
-                             num_steps=c.num_steps, method=c.method, cfg=c.guidance != 1.0)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  images = sampling.to_uint8(multihost_utils.process_allgather(images, tiled=True))
+  return sampling.generate_on_mesh(model, state.ema[0], state.basis, state.scale, mesh, 0, num, seed=seed,
+                                   guidance=c.guidance, interval=tuple(c.interval), num_steps=c.num_steps,
+                                   method=c.method)
+
+
+def write_samples(state: TrainState, model, config, mesh, path: str) -> np.ndarray:
+  """A PNG grid of ``config.sample.num_images`` samples (one class per column); returns them."""
+  images = generate_samples(state, model, config, mesh, config.sample.num_images, config.seed + 1)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    sampling.save_png(path, images, cols=model.config.num_classes if n % model.config.num_classes == 0 else None,
+    n, classes = images.shape[0], model.config.num_classes
+    sampling.save_png(path, images, cols=classes if n % classes == 0 else None,
                       upscale=max(1, 128 // model.config.input_size))
   return images
+
+
+def evaluate_samples(state: TrainState, model, config, mesh, workdir: str) -> dict:
+  """``config.eval.metric`` (fdd | fid) of ``config.eval.num_images`` samples; {} off process 0."""
+  from asymflow_jax import evaluate  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  images = generate_samples(state, model, config, mesh, e.num_images, config.seed + 2)
+  if jax.process_index() != 0:
+    return {}
+  result = evaluate.score_images(images, e.metric, inception=e.inception or None, reference=e.reference or None,
+                                 classifier_cache=os.path.join(workdir, "digit_classifier.msgpack"))
+  return {f"eval_{k}": float(v) for k, v in result.items() if k not in ("metric", "num_images")}
 
 
 class _Preemption:
@@ -412,6 +433,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       sys.exit(0)
     if done % config.checkpoint.every == 0 or done == config.num_steps:
       save_checkpoint(mngr, state, _data_state(iterator), force=done == config.num_steps)
+    if config.eval.every and done % config.eval.every == 0:
+      writer.write(done, evaluate_samples(state, model, config, mesh, workdir))
     if (config.sample.every and done % config.sample.every == 0) or done == config.num_steps:
       path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
       write_samples(state, model, config, mesh, path)
@@ -454,7 +477,7 @@ class MetricWriter:
         pass
 
   def write(self, step: int, scalars: dict):
-    if not self.enabled:
+    if not self.enabled or not scalars:
       return
     self._file.write(json.dumps(dict(step=step, **scalars)) + "\n")
     self._file.flush()

@@ -33,6 +33,20 @@ def imagenet_data(image_size: int) -> ml_collections.ConfigDict:
   return tfds_data_config("imagenet2012", image_size=image_size)
 
 
+def imagenet256_config(size: str, arg: str | None = None, **model_overrides) -> ml_collections.ConfigDict:
+  """The paper's ImageNet-256 AsymFlow recipe (spec section 4) for a JiT size: rank-8 PCA subspace
+  of 10k training images, bf16 compute with fp32 master weights, remat, batch 1024, 750,600 steps."""
+  c = base_config()
+  c.data = imagenet_data(256)
+  c.model = model_config(size, **model_overrides)
+  c.model.rank = 8
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.subspace.num_images = 10_000
+  c.subspace.seed = 2021
+  return apply_arg(c, arg)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -75,15 +89,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance = 2.3       # ImageNet: 2.3 on [0, 0.88]
   c.sample.interval = (0.0, 0.88)
   c.sample.num_images = 64
+  # in-training evaluation (samples with the settings above), logged as eval_* scalars
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0              # 0 = off
+  c.eval.num_images = 1000
+  c.eval.metric = "fid"         # fid (needs inception + reference) | fdd (embedded digits)
+  c.eval.inception = ""         # FID Inception weights .npz (docs/evaluation.md)
+  c.eval.reference = ""         # ADM reference statistics .npz
   return c
 
 
+# Mesh recipes (data, fsdp, tensor) for the paper's batch 1024, and the model sizes that fit without
+# remat on that slice (derivation: launch/README.md, "Memory per device"). Select one with
+# --config=configs/imagenet256_h16.py:v5p-64 (combine with runlocal as "runlocal,v5p-64").
+MESH_RECIPES = {
+    "v4-32": ((1, -1, 1), ("B/16",)),
+    "v5e-64": ((1, -1, 1), ("B/16",)),
+    "v5p-64": ((1, -1, 1), ("B/16", "L/16", "H/16")),
+    "v6e-64": ((1, -1, 1), ("B/16", "L/16", "H/16")),
+    "h100": ((-1, 8, 1), ("B/16",)),   # n nodes x 8 GPUs: fsdp inside a node, nodes on data
+}
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """``--config=configs/x.py:runlocal`` shrinks a config to a few quick CPU steps."""
-  if not arg:
-    return c
-  if arg != "runlocal":
-    raise ValueError(f"unknown config argument {arg!r}; expected 'runlocal' or nothing.")
+  """Config arguments after the colon, comma-separated: ``runlocal`` (a few quick CPU steps) and/or
+  a mesh recipe name from :data:`MESH_RECIPES`."""
+  for token in filter(None, (arg or "").split(",")):
+    if token == "runlocal":
+      _runlocal(c)
+    elif token in MESH_RECIPES:
+      (c.mesh.data, c.mesh.fsdp, c.mesh.tensor), no_remat = MESH_RECIPES[token]
+      c.model.remat = c.model.size not in no_remat
+    else:
+      raise ValueError(f"unknown config argument {token!r}; expected 'runlocal' or one of {sorted(MESH_RECIPES)}.")
+  return c
+
+
+def _runlocal(c: ml_collections.ConfigDict):
   c.batch_size = 8
   c.num_steps = 4
   c.warmup_steps = 2
@@ -93,4 +135,3 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   c.subspace.num_images = 64
   c.sample.num_images = 8
   c.sample.num_steps = 2
-  return c

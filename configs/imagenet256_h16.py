@@ -1,26 +1,19 @@
-"""AsymFlow-H/16 on ImageNet 256, rank 8 PCA subspace: the paper's recipe (spec section 4).
+"""AsymFlow-H/16 on ImageNet 256, rank-8 PCA subspace: the paper's recipe (spec section 4).
+
 The LakonLab ImageNet config (JiT-H/16: hidden 1280, depth 32, 953M parameters).
 
     python -m asymflow_jax.train --config=configs/imagenet256_h16.py --workdir=/mnt/gcs/asymflow_h16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
-The workdir is a filesystem path (mount a bucket with gcsfuse on every host).
+The workdir is a filesystem path shared by all hosts (e.g. a bucket mounted with gcsfuse).
 Data: TFDS imagenet2012 prepared in array_record format (ADM centre crop 256, random flip).
-Optimiser: AdamW lr 2e-4, betas (0.9, 0.95), wd 0, 5-epoch linear warm-up (6255 it), batch 1024,
-750,600 iterations (600 epochs); EMA 0.9999 from iteration 0; bf16 compute with fp32 master
-weights, attention in fp32, remat. Sampling: Heun 50 steps, CFG 2.3 on sigma in [0, 0.88], EMA weights.
+AdamW lr 2e-4, betas (0.9, 0.95), wd 0, 5-epoch linear warm-up (6255 it), batch 1024, 750,600
+iterations; EMA 0.9999; bf16 compute, fp32 master weights and attention, remat. Sampling: Heun 50
+steps, CFG 2.3 on sigma in [0, 0.88], EMA weights.
 """
 
 from configs import common
 
 
 def get_config(arg: str | None = None):
-  c = common.base_config()
-  c.data = common.imagenet_data(256)
-  c.model = common.model_config("H/16")
-  c.model.rank = 8
-  c.model.dtype = "bfloat16"
-  c.model.remat = True
-  c.subspace.num_images = 10_000
-  c.subspace.seed = 2021
-  return common.apply_arg(c, arg)
+  return common.imagenet256_config("H/16", arg)

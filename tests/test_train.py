@@ -160,3 +160,20 @@ def test_imagenet_h16_train_step_lowers_on_8_fake_devices(tmp_path):
   specs = info["opt_specs"]
   assert {v for k, v in specs.items() if ".mu[" in k or ".nu[" in k} == {info["qkv_spec"]}
   assert {v for k, v in specs.items() if k.endswith("count")} == {"P()"}
+
+
+def test_mesh_recipes_and_config_args():
+  from configs import imagenet256_h16, imagenet256_b16, default  # noqa: PLC0415
+  h = imagenet256_h16.get_config("v5p-64")
+  assert (h.mesh.data, h.mesh.fsdp, h.mesh.tensor, h.model.remat) == (1, -1, 1, False)
+  h = imagenet256_h16.get_config("h100")
+  assert (h.mesh.data, h.mesh.fsdp, h.model.remat) == (-1, 8, True)
+  assert imagenet256_b16.get_config("h100").model.remat is False
+  small = default.get_config("runlocal")
+  assert small.num_steps == 4 and small.batch_size == 8
+  with pytest.raises(ValueError, match=r"unknown config argument 'v9-9'"):
+    default.get_config("v9-9")
+  # the paper's batch divides every recipe's data x fsdp on its slice
+  for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
+    c = imagenet256_h16.get_config(recipe)
+    train.validate_config(c, num_devices=devices)

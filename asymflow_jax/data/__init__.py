@@ -30,3 +30,9 @@ from asymflow_jax.data.sources import (
     encode_record,
     load_mnist_5k,
 )
+
+__all__ = [
+    "BadRecordCounter", "Pipeline", "default_data_config", "flip_decision", "make_pipeline", "make_source",
+    "tfds_data_config", "to_float", "ArrayRecordSource", "BadRecordError", "MnistSource", "TfdsSource",
+    "center_crop_arr", "decode_record", "encode_record", "load_mnist_5k",
+]
