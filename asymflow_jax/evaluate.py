@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from asymflow_jax import distributed
+
 METRICS = ("fdd", "fid")
 
 
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
                       help="digit classifier cache for fdd (default: WORKDIR/digit_classifier.msgpack)")
   parser.add_argument("--out", default=None, help="also write the JSON result here")
   args = parser.parse_args(argv)
+  distributed.initialize()  # multi-host: auto-detected (TPU pod, SLURM, JAX_* env); else a no-op
 
   cache = args.classifier
   if args.workdir:

@@ -19,6 +19,7 @@ import numpy as np
 
 import jax
 
+from asymflow_jax import distributed
 from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
 from asymflow_jax import train
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default=None, help="output prefix (default WORKDIR/samples/sample_STEP)")
   args = parser.parse_args(argv)
+  distributed.initialize()  # multi-host: auto-detected (TPU pod, SLURM, JAX_* env); else a no-op
 
   config, model, state, mesh = load_workdir(args.workdir, args.step)
   c = config.sample

@@ -161,9 +161,10 @@ def validate_config(config, num_devices: int):
   d = m.patch_size ** 2 * m.in_channels
   if not 0 <= m.rank <= d:
     raise ValueError(f"config.model.rank={m.rank} is outside [0, D={d}] (D = patch_size^2 * in_channels).")
-  if m.rank > m.bottleneck_dim:
-    raise ValueError(f"config.model.rank={m.rank} exceeds bottleneck_dim={m.bottleneck_dim} (the PCA init "
-                     "writes the basis into the first r bottleneck channels).")
+  if m.projected_init and m.rank > m.bottleneck_dim:
+    raise ValueError(f"config.model.rank={m.rank} exceeds bottleneck_dim={m.bottleneck_dim}: the projected init "
+                     "writes the basis into the first r bottleneck channels. Set config.model.projected_init=False "
+                     "(e.g. for r = D, plain velocity prediction) or lower the rank.")
   if config.subspace.kind not in ("pca", "random", "file"):
     raise ValueError(f"config.subspace.kind must be pca, random or file, got {config.subspace.kind!r}.")
   sizes = shd.mesh_shape(config.mesh, num_devices)
@@ -254,7 +255,7 @@ def state_shardings(model, optimizer, config, mesh, abstract: TrainState) -> Tra
 def create_state(model, optimizer, config, sub, shardings) -> TrainState:
   """Initialises the state directly into its shardings (no host copy of the full model)."""
   def init(key, basis):
-    params = asymjit.init_params(model, key, basis if sub.rank > 0 else None)
+    params = asymjit.init_params(model, key, basis if sub.rank > 0 and config.model.projected_init else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema=tuple(params for _ in config.ema_decays), rng=jax.random.fold_in(key, 1),
                       basis=basis, scale=jnp.asarray(sub.scale, jnp.float32),

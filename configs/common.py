@@ -15,6 +15,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict(dataclasses.asdict(jit_config(size, **overrides)))
   m.size = size                 # informational
   m.rank = 8                    # subspace rank r (0 = JiT x0-prediction, D = velocity prediction)
+  m.projected_init = True       # write the basis into the first r bottleneck channels (needs r <= bottleneck)
   m.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False
   m.remat_policy = "nothing_saveable"

@@ -8,7 +8,7 @@
 #   --tpu, --zone, --project   the TPU VM (env: TPU_NAME, ZONE, PROJECT)
 #   --config=FILE[:ARG]        experiment config, relative to the repository (env: CONFIG)
 #   --workdir=DIR              checkpoints/metrics folder, the same path on every worker: a shared
-#                              mount (gcsfuse/Filestore) or gs://bucket/path (env: WORKDIR)
+#                              mount (gcsfuse/Filestore) (env: WORKDIR)
 #   --config.KEY=VALUE         config overrides, passed to every worker unchanged
 #   --repo, --branch, --dir    what to clone/pull on the workers and where
 #                              (env: REPO_URL, BRANCH [main], REMOTE_DIR [~/asymflow_jax])

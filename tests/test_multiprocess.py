@@ -288,7 +288,7 @@ def test_local_multiprocess_dry_run():
 
 def test_tpu_pod_dry_run_prints_complete_commands():
   out = _run(["bash", "launch/tpu_pod.sh", "--tpu", "asym-v5p-64", "--zone", "us-east5-a", "--project", "my-proj",
-              "--config=configs/imagenet256_h16.py", "--workdir=gs://my-bucket/asymflow/h16", "--repo",
+              "--config=configs/imagenet256_h16.py", "--workdir=/mnt/ckpt/asymflow/h16", "--repo",
               "https://github.com/me/asymflow_jax.git", "--config.model.rank=8", "--dry-run"])
   setup, train = [shlex.split(l) for l in out.strip().splitlines()]
   prefix = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "asym-v5p-64", "--zone=us-east5-a", "--project=my-proj",
@@ -300,7 +300,7 @@ def test_tpu_pod_dry_run_prints_complete_commands():
                 '.venv/bin/pip install -q -U "jax[tpu]==0.10.2"'):
     assert piece in setup_cmd, (piece, setup_cmd)
   assert train[-1] == ("--command=cd ~/asymflow_jax && mkdir -p logs && .venv/bin/python -m asymflow_jax.train "
-                       "--config=configs/imagenet256_h16.py --workdir=gs://my-bucket/asymflow/h16 "
+                       "--config=configs/imagenet256_h16.py --workdir=/mnt/ckpt/asymflow/h16 "
                        "--config.model.rank=8 2>&1 | tee -a logs/train.log")
   detached = _run(["bash", "launch/tpu_pod.sh", "--no-setup", "--detach", "--dry-run", "--config=configs/imagenet256_h16.py",
                    "--workdir=/mnt/ckpt"], TPU_NAME="t", ZONE="z")

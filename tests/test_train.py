@@ -89,6 +89,13 @@ def test_bad_configs_fail_fast_with_clear_messages():
   with pytest.raises(ValueError, match=r"rank=17 is outside \[0, D=16\]"):
     train.validate_config(c, num_devices=1)
   c = tiny_train_config()
+  c.model.rank = 16
+  c.model.bottleneck_dim = 8
+  with pytest.raises(ValueError, match=r"rank=16 exceeds bottleneck_dim=8: the projected init"):
+    train.validate_config(c, num_devices=1)
+  c.model.projected_init = False
+  train.validate_config(c, num_devices=1)  # r = D velocity prediction without the projected init is valid
+  c = tiny_train_config()
   c.model.patch_size = 5
   with pytest.raises(ValueError, match=r"input_size=32 is not divisible by patch_size=5"):
     train.validate_config(c, num_devices=1)

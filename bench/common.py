@@ -1,0 +1,195 @@
+"""Shared benchmark helpers: timing, the one-line JSON record, configs from files, FLOPs and MFU.
+
+Every bench script prints exactly one JSON line (``emit``) with the measured numbers plus the
+machine (platform, device kind, CPU model, core count), the jax version and the exact command.
+Timings are wall-clock around calls that end in ``jax.block_until_ready``; compile time is never
+counted (warm-up calls run first).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # `configs` and `asymflow_jax` from a fresh clone, no install needed
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+# Dense peak TFLOP/s per device for the MFU denominator (bf16 unless noted), by device_kind substring.
+PEAK_TFLOPS = {
+    "H100": 989.0,     # H100 SXM bf16 dense
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6": 918.0,   # v6e (Trillium)
+}
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def time_calls(fn, *, warmup: int, reps: int) -> np.ndarray:
+  """Seconds per call of ``fn()`` (its result is blocked on), after ``warmup`` untimed calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return np.asarray(out)
+
+
+def stats(seconds) -> dict:
+  """Median and spread of a list of durations, in milliseconds."""
+  s = np.asarray(seconds) * 1e3
+  return dict(median_ms=float(np.median(s)), p10_ms=float(np.percentile(s, 10)),
+              p90_ms=float(np.percentile(s, 90)), min_ms=float(s.min()), reps=int(s.size))
+
+
+# ------------------------------------------------------------------------------- the JSON line
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return dict(platform=dev.platform, device_kind=dev.device_kind, num_devices=jax.device_count(),
+              cpu=cpu, cpu_cores=os.cpu_count(), jax=jax.__version__)
+
+
+def emit(bench: str, **fields) -> dict:
+  """Prints one JSON line: the bench name, its numbers, the machine and the exact command."""
+  rec = dict(bench=bench, **fields, **machine(),
+             command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]))
+  print(json.dumps(rec, sort_keys=False), flush=True)
+  return rec
+
+
+# ------------------------------------------------------------------------------------- configs
+
+
+def load_config(spec: str, overrides=()):
+  """``configs/X.py[:arg]`` -> its ``get_config(arg)``, then ``key.sub=value`` overrides (Python literals)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path) if not
+                                                    os.path.isabs(path) else path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  config = mod.get_config(arg or None)
+  for item in overrides:
+    key, _, raw = item.partition("=")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  # Benchmarks use synthetic batches; keep the data fields consistent with the model for validation.
+  config.data.image_size, config.data.num_channels = config.model.input_size, config.model.in_channels
+  return config
+
+
+def add_config_args(parser, default: str):
+  parser.add_argument("--config", default=default, help="configs/X.py[:arg]")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. --set model.rank=0 --set batch_size=64 (repeatable)")
+
+
+# ------------------------------------------------------------------------------- FLOPs and MFU
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable from XLA's cost analysis (dict or list-of-dict forms).
+
+  For a train step this is the whole step: forward, backward and optimizer update. Loops are
+  counted once per body by XLA, so do not use it for ``fori_loop`` samplers.
+  """
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    return float(sum(c.get("flops", 0.0) for c in cost if c))
+  return float((cost or {}).get("flops", 0.0))
+
+
+def analytic_forward_flops(cfg, batch: int) -> float:
+  """Matmul + attention FLOPs (2 per multiply-add) of one JiT forward at ``batch``; the per-sample
+  conditioning (timestep MLP, adaLN) is included; norms, RoPE and softmax are not."""
+  h, d, n, f = cfg.hidden_size, cfg.patch_dim, cfg.num_patches, cfg.swiglu_hidden
+  per_token_embed = d * cfg.bottleneck_dim + cfg.bottleneck_dim * h + h * d  # embed + final linear
+  per_sample = 256 * h + h * h + cfg.depth * 6 * h * h + 2 * h * h  # t-MLP, block adaLN, final adaLN
+  total = n * per_token_embed + per_sample
+  for i in range(cfg.depth):
+    t = n + (cfg.in_context_len if cfg.uses_in_context and i >= cfg.in_context_start else 0)
+    total += t * (4 * h * h + 3 * h * f) + 2 * t * t * h  # qkv+proj, SwiGLU, QK^T and PV
+  return 2.0 * batch * total
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+  """Measured float32 FLOP/s of a jitted n^3 matmul on the default device (median of ``reps``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  return 2.0 * n ** 3 / float(np.median(time_calls(lambda: f(a, b), warmup=2, reps=reps)))
+
+
+def peak_flops(peak_tflops: float | None, *, cpu_matmul_n: int = 2048) -> tuple[float, str]:
+  """(peak FLOP/s, where it came from): ``--peak_tflops``, the accelerator table, or on CPU a
+  float32 matmul measured in this run."""
+  if peak_tflops:
+    return peak_tflops * 1e12, "flag --peak_tflops"
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return matmul_peak_flops(cpu_matmul_n), f"measured f32 {cpu_matmul_n}^3 matmul (this run)"
+  for key, value in PEAK_TFLOPS.items():
+    if key.lower() in dev.device_kind.lower():
+      return value * 1e12 * jax.device_count(), f"table: {key} {value} TFLOP/s x {jax.device_count()} devices"
+  raise ValueError(f"unknown accelerator {dev.device_kind!r}: pass --peak_tflops")
+
+
+# ------------------------------------------------------------------------------- the train step
+
+
+def build_train_step(config, seed: int = 0):
+  """The project's sharded train step for ``config`` on all local devices, with a random subspace
+  of rank ``config.model.rank`` (the basis values do not change the cost) and a synthetic batch.
+
+  Returns (compiled step, state, batch, model); ``compiled(state, batch) -> (state, metrics)``
+  donates ``state``.
+  """
+  from asymflow_jax import sharding as shd, subspace as subspace_lib, train  # pylint: disable=import-outside-toplevel
+  train.validate_config(config, jax.device_count())
+  mesh = shd.make_mesh(config.mesh)
+  model, optimizer = train.model_from_config(config), train.make_optimizer(config)
+  m = config.model
+  sub = subspace_lib.random_subspace(model.config.patch_dim, m.rank, seed=seed, patch_size=m.patch_size)
+  abstract = train.abstract_state(model, optimizer, config)
+  shardings = train.state_shardings(model, optimizer, config, mesh, abstract)
+  state = train.create_state(model, optimizer, config, sub, shardings)
+  rng = np.random.default_rng(seed)
+  b = config.batch_size
+  batch = shd.global_batch(dict(
+      image=rng.uniform(-1, 1, (b, m.input_size, m.input_size, m.in_channels)).astype(np.float32),
+      label=rng.integers(0, m.num_classes, (b,)).astype(np.int32)), mesh)
+  compiled = train.compile_train_step(model, optimizer, config, mesh, shardings).lower(state, batch).compile()
+  return compiled, state, batch, model

@@ -1,0 +1,94 @@
+"""The side-by-side config timed with the reference PyTorch implementation on the same 2-core CPU.
+
+    python bench/reference_config.py                       # train step (batch 16) and forward (batch 64)
+    python bench/train_step.py --config=bench/reference_config.py   # the same config through train_step.py
+
+Exactly: input 64x64x3, patch 8 (D = 192), hidden 256, depth 6, heads 4, bottleneck 64, in-context
+length 8, rank 8, float32; one AdamW train step at batch 16 and a forward at batch 64; median of
+10 timed calls after 3 warm-ups. Fields the spec leaves open take the reference constructor's
+defaults: in-context tokens from block 4, 1000 classes (+ null), SwiGLU ratio 4, no dropout.
+
+The train step is the project's ``train.train_step`` (sigma/label/noise sampling, AsymJiT forward
++ recovery, loss, backward, AdamW, one EMA update; no remat). The forward is ``asymjit_apply`` in
+eval mode (JiT backbone + AsymFlow recovery), jitted. This file is also a config file
+(``get_config``) for the other bench scripts.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the repository on sys.path)
+from configs import common as cfg_common  # noqa: E402
+
+
+def get_config(arg=None):
+  c = cfg_common.base_config()
+  c.data = cfg_common.mnist_data()
+  c.data.image_size, c.data.num_channels, c.data.num_classes = 64, 3, 1000
+  c.model = cfg_common.model_config(
+      "tiny", input_size=64, patch_size=8, in_channels=3, hidden_size=256, depth=6, num_heads=4,
+      bottleneck_dim=64, in_context_len=8, in_context_start=4, num_classes=1000)
+  c.model.rank = 8
+  c.model.dtype = "float32"
+  c.model.remat = False
+  c.batch_size = 16
+  c.ema_decays = (0.9999,)
+  return cfg_common.apply_arg(c, arg)
+
+
+def main():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from asymflow_jax import asymflow as af  # pylint: disable=import-outside-toplevel
+  from asymflow_jax.models import asymjit  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--train_batch", type=int, default=16)
+  parser.add_argument("--forward_batch", type=int, default=64)
+  args = parser.parse_args()
+
+  config = get_config()
+  config.batch_size = args.train_batch
+  compiled, state, batch, model = common.build_train_step(config)
+  holder = [state]
+
+  def step():
+    holder[0], metrics = compiled(holder[0], batch)
+    return metrics["loss"]
+
+  train_times = common.stats(common.time_calls(step, warmup=args.warmup, reps=args.reps))
+
+  b, m = args.forward_batch, config.model
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((b, m.input_size, m.input_size, m.in_channels)), jnp.float32)
+  sigma = jnp.asarray(rng.uniform(0, 1, (b,)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, m.num_classes, (b,)), jnp.int32)
+  fwd = jax.jit(lambda p, x, s, y, u: asymjit.asymjit_apply(model, p, x, s, y, u, sigma_min=af.EVAL_SIGMA_MIN))
+  params, basis = holder[0].params, holder[0].basis
+  fwd_c = fwd.lower(params, x, sigma, labels, basis).compile()
+  fwd_times = common.stats(common.time_calls(lambda: fwd_c(params, x, sigma, labels, basis),
+                                             warmup=args.warmup, reps=args.reps))
+
+  flops = common.xla_flops(compiled)
+  peak, peak_src = common.peak_flops(None)
+  step_s = train_times["median_ms"] / 1e3
+  common.emit(
+      "reference_config",
+      train_step_ms=train_times["median_ms"], train_img_per_s=args.train_batch / step_s, train_batch=args.train_batch,
+      forward_ms=fwd_times["median_ms"], forward_img_per_s=b / (fwd_times["median_ms"] / 1e3), forward_batch=b,
+      train_step=train_times, forward=fwd_times,
+      train_flops_per_step_xla=flops, forward_flops_xla=common.xla_flops(fwd_c),
+      peak_tflops=peak / 1e12, peak_source=peak_src, train_fraction_of_peak=flops / step_s / peak,
+      config=dict(input="64x64x3", patch=8, hidden=256, depth=6, heads=4, bottleneck=64, in_context_len=8,
+                  in_context_start=4, num_classes=1000, rank=8, dtype="float32", optimizer="AdamW",
+                  timing=f"median of {args.reps} after {args.warmup} warm-ups"))
+
+
+if __name__ == "__main__":
+  main()
