@@ -297,12 +297,17 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
+def _without_empty_basis(state: TrainState) -> TrainState:
+  """Orbax cannot store zero-size arrays: a rank-0 basis (D, 0) is left out and rebuilt on restore."""
+  return state.replace(basis=None) if state.basis.shape[-1] == 0 else state
+
+
 def save_checkpoint(mngr, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
   step = int(state.step)
   if int(state.nonfinite_step) >= 0:
     raise FloatingPointError(f"non-finite loss or gradient at step {int(state.nonfinite_step)}; "
                              "not writing a checkpoint from this state.")
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_without_empty_basis(state)),
                                                  data=ocp.args.JsonSave(data_state)), force=force)
 
 
@@ -310,9 +315,12 @@ def restore_checkpoint(mngr, abstract: TrainState, shardings: TrainState, step: 
   """Restores (state, data_state) from ``step`` (default latest) into the given shardings."""
   step = mngr.latest_step() if step is None else step
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_without_empty_basis(target)),
                                                     data=ocp.args.JsonRestore()))
-  return out.state, out.data
+  state = out.state
+  if state.basis is None:
+    state = state.replace(basis=jax.device_put(jnp.zeros(abstract.basis.shape, abstract.basis.dtype), shardings.basis))
+  return state, out.data
 
 
 # ------------------------------------------------------------------------------------------ loop

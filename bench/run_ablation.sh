@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 ROOT=${1:-workdirs/ablation}
 PY=${PYTHON:-.venv/bin/python}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-$PY launch/sweep.py --config=configs/ablation_mnist_p8.py --workdir="$ROOT" --python "$PY" \
+$PY launch/sweep.py --config=configs/ablation_mnist_p8.py --workdir="$ROOT" --python "$PY" --keep_going \
     --sweep 'model.rank=0,2,4,8' --sweep 'subspace.kind=pca'
-$PY launch/sweep.py --config=configs/ablation_mnist_p8.py --workdir="$ROOT" --python "$PY" \
+$PY launch/sweep.py --config=configs/ablation_mnist_p8.py --workdir="$ROOT" --python "$PY" --keep_going \
     --sweep 'model.rank=4,8' --sweep 'subspace.kind=random'
 $PY -m asymflow_jax.train --config=configs/ablation_mnist_p8.py --workdir="$ROOT/rank64_kind-pca" \
     --config.model.rank=64 --config.model.projected_init=False

@@ -184,3 +184,18 @@ def test_mesh_recipes_and_config_args():
   for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
     c = imagenet256_h16.get_config(recipe)
     train.validate_config(c, num_devices=devices)
+
+
+@pytest.mark.parametrize("rank,projected_init", [(0, True), (16, False)])
+def test_rank_zero_and_full_rank_checkpoint_and_resume(tmp_path, rank, projected_init):
+  # r = 0 (JiT x0-prediction, an empty (D, 0) basis) and r = D (velocity prediction) train, save and resume
+  def config(steps):
+    c = tiny_train_config(steps)
+    c.model.rank, c.model.projected_init = rank, projected_init
+    return c
+  straight = train.train(config(4), str(tmp_path / "a"), progress=False)
+  train.train(config(2), str(tmp_path / "b"), progress=False)
+  resumed = train.train(config(4), str(tmp_path / "b"), progress=False)
+  assert resumed.basis.shape == (16, rank)
+  for k, v in _flat(straight.params).items():
+    np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
