@@ -58,7 +58,7 @@ def plot(runs: dict[str, dict], path: str):
   ax.set_xlabel("training step")
   ax.set_ylabel("Frechet Digit Distance (lower is better)")
   ax.set_yscale("log")
-  ax.set_title("AsymFlow rank ablation, MNIST 32px, patch 8 (D=64), bottleneck 16")
+  ax.set_title("Rank ablation: MNIST 32px, patch 8 (D = 64), bottleneck 16", fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
