@@ -94,7 +94,11 @@ def load_config(spec: str, overrides=()):
                                                     os.path.isabs(path) else path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
-  config = mod.get_config(arg or None)
+  return apply_overrides(mod.get_config(arg or None), overrides)
+
+
+def apply_overrides(config, overrides=()):
+  """``key.sub=value`` overrides (values parsed as Python literals, else strings)."""
   for item in overrides:
     key, _, raw = item.partition("=")
     try:

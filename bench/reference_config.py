@@ -51,9 +51,11 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--train_batch", type=int, default=16)
   parser.add_argument("--forward_batch", type=int, default=64)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, for smoke tests only (the reference numbers use none)")
   args = parser.parse_args()
 
-  config = get_config()
+  config = common.apply_overrides(get_config(), args.set)
   config.batch_size = args.train_batch
   compiled, state, batch, model = common.build_train_step(config)
   holder = [state]
@@ -85,9 +87,10 @@ def main():
       train_step=train_times, forward=fwd_times,
       train_flops_per_step_xla=flops, forward_flops_xla=common.xla_flops(fwd_c),
       peak_tflops=peak / 1e12, peak_source=peak_src, train_fraction_of_peak=flops / step_s / peak,
-      config=dict(input="64x64x3", patch=8, hidden=256, depth=6, heads=4, bottleneck=64, in_context_len=8,
-                  in_context_start=4, num_classes=1000, rank=8, dtype="float32", optimizer="AdamW",
-                  timing=f"median of {args.reps} after {args.warmup} warm-ups"))
+      config=dict(input=f"{m.input_size}x{m.input_size}x{m.in_channels}", patch=m.patch_size, hidden=m.hidden_size,
+                  depth=m.depth, heads=m.num_heads, bottleneck=m.bottleneck_dim, in_context_len=m.in_context_len,
+                  in_context_start=m.in_context_start, num_classes=m.num_classes, rank=m.rank, dtype=m.dtype,
+                  optimizer="AdamW", overrides=args.set, timing=f"median of {args.reps} after {args.warmup} warm-ups"))
 
 
 if __name__ == "__main__":

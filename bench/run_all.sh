@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark with CPU-sized defaults (~4 minutes on 2 idle cores, < 10 minutes from a fresh clone);
+# Every benchmark with CPU-sized defaults (~3 minutes on 2 idle cores, < 10 minutes from a fresh clone);
 # each prints one JSON line, collected in bench/results/cpu.jsonl (or $1).
 #   usage: bash bench/run_all.sh [OUT=bench/results/cpu.jsonl]      (PYTHON=... to pick the interpreter)
 set -euo pipefail

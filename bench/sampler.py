@@ -9,8 +9,6 @@ sampling call; ``forward_img_per_s`` counts every network evaluation of the doub
 
 import argparse
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
 

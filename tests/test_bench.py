@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TINY_MODEL = ["--set", "model.hidden_size=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+TINY_MODEL = ["--set", "model.hidden_size=32", "--set", "model.depth=1", "--set", "model.num_heads=2",
               "--set", "model.in_context_len=2", "--set", "batch_size=4"]
 
 CASES = {
@@ -29,7 +29,7 @@ CASES = {
     "subspace_pca": (["bench/subspace_pca.py", "--image_size=32", "--channels=1", "--patch_size=4", "--batch=2",
                       "--batches=2", "--reps=1"], ["img_per_s", "tokens_per_s", "gflops_per_s"]),
     "reference_config": (["bench/reference_config.py", "--reps=1", "--warmup=1", "--train_batch=2",
-                          "--forward_batch=2"], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
+                          "--forward_batch=2", *TINY_MODEL[:-2]], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
 }
 
 
