@@ -253,15 +253,18 @@ def test_sweep_dry_run_lists_the_cartesian_product():
               "--sweep", "model.rank=0,4,8,D", "--sweep", "subspace.kind=pca,random", "--dry-run", "--",
               "--config.num_steps=100"])
   lines = [l for l in out.splitlines() if not l.startswith("#")]
-  assert "# D = patch_size^2 * in_channels = 16" in out and "# 8 runs" in out
+  from configs import default  # noqa: PLC0415
+  m = default.get_config().model
+  d = m.patch_size ** 2 * m.in_channels
+  assert f"# D = patch_size^2 * in_channels = {d}" in out and "# 8 runs" in out
   assert len(lines) == 8
   runs = [shlex.split(l) for l in lines]
   assert all(r[1:3] == ["-m", "asymflow_jax.train"] and "--config=configs/default.py" in r
              and r[-1] == "--config.num_steps=100" for r in runs)
   workdirs = [next(a.split("=", 1)[1] for a in r if a.startswith("--workdir=")) for r in runs]
-  assert workdirs == [f"workdirs/sweep/rank{r}_kind-{k}" for r in (0, 4, 8, 16) for k in ("pca", "random")]
+  assert workdirs == [f"workdirs/sweep/rank{r}_kind-{k}" for r in (0, 4, 8, d) for k in ("pca", "random")]
   ranks = [next(a for a in r if a.startswith("--config.model.rank=")) for r in runs]
-  assert ranks == [f"--config.model.rank={r}" for r in (0, 4, 8, 16) for _ in range(2)]
+  assert ranks == [f"--config.model.rank={r}" for r in (0, 4, 8, d) for _ in range(2)]
   kinds = [next(a for a in r if a.startswith("--config.subspace.kind=")) for r in runs]
   assert kinds == [f"--config.subspace.kind={k}" for _ in range(4) for k in ("pca", "random")]
   # D follows the (overridden) patch size: 2 x 2 x 1 = 4, and 4 appears once
