@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from asymflow_jax import data
-from asymflow_jax.data import pipeline as pl
 from asymflow_jax.data import prep, sources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
