@@ -1,8 +1,13 @@
-"""Convert a reference PyTorch AsymJiT state dict to Flax params + {basis, scale}.
+r"""Convert a reference PyTorch AsymJiT checkpoint into a workdir that sample, evaluate and train open.
 
 Usage:
-  python -m asymflow_jax.convert --from pytorch CKPT.(safetensors|pth|pt|npz) --model tiny|B/16|L/16|H/16 \
-      --out DIR [--prefix PREFIX]
+  python -m asymflow_jax.convert --from=pytorch --checkpoint=CKPT.(safetensors|pth|pt|npz) \
+      --config=configs/imagenet256_h16.py [--set model.rank=8 ...] --workdir=DIR [--prefix=module.]
+
+The config names the experiment the weights belong to (its model fields must match the state
+dict); the workdir gets its ``config.json`` and checkpoint step 0 with ``params`` and ``subspace``
+(see ``asymflow_jax/checkpoint.py``). ``train --workdir=DIR`` then finetunes (fresh optimizer and
+EMA), ``sample``/``evaluate --workdir=DIR`` use the weights directly.
 
 Layouts: a torch Linear weight is (out, in) -> Flax kernel (in, out). The conv patch embed proj1
 weight (out, C, py, px) -> Dense kernel (D, out) with D in DiT (py, px, c) order; the 1x1 conv proj2
@@ -10,7 +15,9 @@ weight (out, C, py, px) -> Dense kernel (D, out) with D in DiT (py, px, c) order
 are recomputed by the model; if present they are only checked for consistency. ``proj_buffer`` is
 the basis U (D, r); ``scale_buffer`` (optional, default 1) is s.
 
-The checkpoint written with orbax (StandardCheckpointer) is {"params", "basis", "scale"}.
+Checked before anything is written: every key and shape (one error listing all problems), finite
+weights, an orthonormal finite basis of the config's rank, a finite scale > 0, and a workdir
+that does not exist yet.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import sys
 
 import numpy as np
 
-from asymflow_jax.models.jit import JiTConfig, jit_config, rope_tables_2d, sincos_pos_embed_2d
+from etils import epath
+
+from asymflow_jax import asymflow as af
+from asymflow_jax import checkpoint
+from asymflow_jax import cli
+from asymflow_jax import config as config_lib
+from asymflow_jax import experiment
+from asymflow_jax.models.jit_model import JiTConfig, jit_config, rope_tables_2d, sincos_pos_embed_2d
 
 
 def _linear(w):
@@ -195,51 +209,59 @@ def load_state_dict(path: str, *, prefix: str = "") -> dict:
   return sd
 
 
-def save_checkpoint(out_dir: str, params, basis, scale) -> str:
-  """Writes {"params", "basis", "scale"} with orbax StandardCheckpointer to ``out_dir`` (absolute)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  out_dir = os.path.abspath(out_dir)
-  tree = {"params": params, "basis": np.asarray(basis, np.float32), "scale": np.asarray(scale, np.float32)}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out_dir, tree)
-  return out_dir
+def check_converted(params, basis, scale, rank: int):
+  """Finite weights, an orthonormal finite (D, rank) basis and a finite scale > 0; ValueError listing
+  every problem."""
+  problems = [f"{'/'.join(path)}: {int(np.sum(~np.isfinite(v)))} non-finite values"
+              for path, v in _leaves_with_path(params) if not np.isfinite(v).all()]
+  if basis.shape[1] != rank:
+    problems.append(f"proj_buffer: rank {basis.shape[1]}, but the config has model.rank={rank}")
+  try:
+    af.check_basis(np.asarray(basis, np.float32))
+  except ValueError as e:
+    problems.append(f"proj_buffer: {e}")
+  if not (np.isfinite(scale) and scale > 0):
+    problems.append(f"scale_buffer: {scale!r}, expected a finite number > 0")
+  if problems:
+    raise ValueError("the converted checkpoint is not usable:\n  " + "\n  ".join(problems))
 
 
-def restore_checkpoint(out_dir: str):
-  """Restores {"params", "basis", "scale"} written by :func:`save_checkpoint`."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(out_dir))
+def _leaves_with_path(tree, path=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _leaves_with_path(v, path + (k,))
+  else:
+    yield path, np.asarray(tree)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(prog="python -m asymflow_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="source", choices=["pytorch"], required=True,
                       help="source framework of the checkpoint")
-  parser.add_argument("checkpoint", help=".safetensors, .npz (keys optionally 'sd/'-prefixed) or .pth")
-  parser.add_argument("--model", required=True, help="size preset: tiny, B/16, L/16 or H/16")
-  parser.add_argument("--out", required=True, help="output directory for the orbax checkpoint")
+  parser.add_argument("--checkpoint", required=True, help=".safetensors, .npz (keys optionally 'sd/'-prefixed) or .pth")
+  parser.add_argument("--config", required=True, help="experiment config the weights belong to: configs/X.py[:arg]")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. --set model.rank=8 (repeatable)")
+  parser.add_argument("--workdir", required=True, help="new workdir to write (must not exist)")
   parser.add_argument("--prefix", default="", help="key prefix to strip, e.g. 'module.'")
   args = parser.parse_args(argv)
   try:
-    cfg = jit_config(args.model)
+    if epath.Path(args.workdir).exists():
+      raise ValueError(f"--workdir={args.workdir!r} already exists; choose a new folder (nothing was written).")
+    config = cli.load_config(args.config, args.set)
+    config_lib.validate_config(config, 1, training=False)
+    cfg = experiment.model_from_config(config).config
     sd = load_state_dict(args.checkpoint, prefix=args.prefix)
     params, basis, scale = torch_state_dict_to_flax(sd, cfg)
+    check_converted(params, basis, scale, config.model.rank)
   except (ValueError, ImportError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  out = save_checkpoint(args.out, params, basis, scale)
-  n = sum(int(np.prod(a.shape)) for a in _leaves(params))
-  print(f"wrote {out}: {n:,} params, basis {basis.shape}, scale {scale:g}")
+  checkpoint.save_converted(args.workdir, config, params, basis, scale)
+  n = sum(int(np.prod(a.shape)) for _, a in _leaves_with_path(params))
+  print(f"wrote workdir {args.workdir}: {n:,} params, basis {basis.shape}, scale {scale:g}")
   return 0
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    for v in tree.values():
-      yield from _leaves(v)
-  else:
-    yield tree
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 import jax
+from jax.experimental import multihost_utils
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -207,7 +208,6 @@ def check_config_agreement(config, extra: dict | None = None) -> str:
   digest = config_hash(config, extra)
   if jax.process_count() == 1:
     return digest
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   local = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8).astype(np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(local))   # (num_processes, 32)
   hashes = [bytes(row.astype(np.uint8)).hex() for row in gathered.reshape(jax.process_count(), -1)]
@@ -222,3 +222,15 @@ def check_config_agreement(config, extra: dict | None = None) -> str:
                      f"process 0 ({detail}). Launch every process with the same --config file and "
                      "the same --config.* overrides.")
   return digest
+
+
+def allgather_strings(local: str) -> list[str]:
+  """Every process's string, in process order (a collective; every process must call it)."""
+  if jax.process_count() == 1:
+    return [local]
+  data = np.frombuffer(local.encode(), np.uint8).astype(np.int32)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.int32)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+  return [bytes(row[:n].astype(np.uint8)).decode() for row, n in zip(rows, sizes)]

@@ -22,11 +22,16 @@ import functools
 from typing import Callable
 
 import numpy as np
+import tqdm
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import image_io
+from asymflow_jax import sharding as shd
+from asymflow_jax.models import asymjit
 
 METHODS = ("euler", "heun")
 
@@ -117,8 +122,6 @@ def num_evaluations(num_steps: int, method: str) -> int:
 
 def asymjit_velocity_fn(model, params, basis, scale, *, sigma_min: float = af.EVAL_SIGMA_MIN) -> VelocityFn:
   """Eval-mode AsymJiT velocity with the inference recovery clamp."""
-  from asymflow_jax.models import asymjit  # pylint: disable=import-outside-toplevel
-
   def fn(x, sigma, labels):
     return asymjit.asymjit_apply(model, params, x, sigma, labels, basis, scale=scale, sigma_min=sigma_min, train=False)
   return fn
@@ -154,39 +157,40 @@ def generate_on_mesh(model, params, basis, scale, mesh, start: int, num: int, *,
   """uint8 images (num, H, W, C) for global indices [start, start + num), batch-sharded over ``mesh``.
 
   The index range is padded to a multiple of the data-parallel size and cropped; every process
-  receives all images. Guidance 1 skips the unconditional half of the batch.
+  receives all images. Guidance 1 skips the unconditional half of the batch. Raises
+  FloatingPointError if any image is not finite (a NaN model or guidance never becomes a PNG).
   """
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from asymflow_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  if not np.isfinite(guidance) or not all(np.isfinite(v) for v in interval):
+    raise ValueError(f"guidance={guidance} and interval={tuple(interval)} must be finite.")
   n = num + (-num) % shd.batch_divisor(mesh)
   indices = jax.device_put(jnp.arange(start, start + n), shd.batch_sharding(mesh, 1))
   images = generate(model, params, basis, scale, jax.random.key(seed), indices, jnp.float32(guidance),
                     (jnp.float32(interval[0]), jnp.float32(interval[1])), num_steps=num_steps, method=method,
                     cfg=guidance != 1.0)
-  return to_uint8(multihost_utils.process_allgather(images, tiled=True))[:num]
+  return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:num])
 
 
-def to_uint8(images) -> np.ndarray:
-  """[-1, 1] floats -> uint8 [0, 255] (round half to even after scaling)."""
-  return np.asarray(np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
+def generate_from_config(model, params, basis, scale, mesh, *, sample_config, num: int, seed: int,
+                         batch: int | None = None, progress: bool = False) -> np.ndarray:
+  """uint8 images (num, H, W, C) for global indices [0, num) with the sampler settings of
+  ``sample_config`` (``num_steps``, ``method``, ``guidance``, ``interval``), ``batch`` global
+  indices per compiled call (default: all at once; rounded up to the data-parallel size).
 
-
-def image_grid(images_uint8: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-  """(B, H, W, C) uint8 -> one (rows*(H+pad)-pad, cols*(W+pad)-pad, C) grid on white."""
-  b, h, w, c = images_uint8.shape
-  cols = cols or int(np.ceil(np.sqrt(b)))
-  rows = int(np.ceil(b / cols))
-  grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 255, np.uint8)
-  for i in range(b):
-    r, q = divmod(i, cols)
-    grid[r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = images_uint8[i]
-  return grid
-
-
-def save_png(path: str, images_uint8: np.ndarray, cols: int | None = None, upscale: int = 1):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  grid = image_grid(images_uint8, cols)
-  img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  if upscale > 1:
-    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+  The images do not depend on ``batch``, the number of devices or of hosts.
+  """
+  s = sample_config
+  if num < 1:
+    raise ValueError(f"num={num}: expected at least 1 image.")
+  divisor = shd.batch_divisor(mesh)
+  batch = num if batch is None else batch
+  if batch < 1:
+    raise ValueError(f"batch={batch}: expected at least 1.")
+  batch = min(batch, num)
+  batch += (-batch) % divisor
+  starts = range(0, num, batch)
+  if progress and jax.process_index() == 0:
+    starts = tqdm.tqdm(starts, desc="sample", unit="batch")
+  return np.concatenate([
+      generate_on_mesh(model, params, basis, scale, mesh, start, batch, seed=seed, guidance=s.guidance,
+                       interval=tuple(s.interval), num_steps=s.num_steps, method=s.method)
+      for start in starts])[:num]

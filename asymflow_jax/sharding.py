@@ -7,7 +7,7 @@ The mesh has three axes (maxtext style):
 * ``tensor`` tensor parallelism over attention heads and MLP width.
 
 The batch is split over (data, fsdp). Model parameters carry logical axis names (see
-``asymflow_jax.models.jit``); :data:`LOGICAL_RULES` maps them to mesh axes. A dimension whose
+``asymflow_jax.models.jit_model``); :data:`LOGICAL_RULES` maps them to mesh axes. A dimension whose
 size is not divisible by its mesh axes is left replicated rather than failing to lower.
 """
 

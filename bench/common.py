@@ -9,7 +9,6 @@ counted (warm-up calls run first).
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import platform
@@ -25,6 +24,9 @@ if REPO not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from asymflow_jax import cli, experiment, objective  # noqa: E402
+from asymflow_jax import sharding as shd, subspace as subspace_lib  # noqa: E402
 
 # Dense peak TFLOP/s per device for the MFU denominator (bf16 unless noted), by device_kind substring.
 PEAK_TFLOPS = {
@@ -88,17 +90,15 @@ def emit(bench: str, **fields) -> dict:
 
 
 def load_config(spec: str, overrides=()):
-  """``configs/X.py[:arg]`` -> its ``get_config(arg)``, then ``key.sub=value`` overrides (Python literals)."""
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path) if not
-                                                    os.path.isabs(path) else path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return apply_overrides(mod.get_config(arg or None), overrides)
+  """``configs/X.py[:arg]`` -> its config with ``key.sub=value`` overrides (``asymflow_jax.cli.load_config``),
+  data fields made consistent with the model (benchmarks use synthetic batches)."""
+  path, sep, arg = spec.partition(":")
+  path = path if os.path.isabs(path) else os.path.join(REPO, path)
+  return _synthetic_data(cli.load_config(path + sep + arg, overrides))
 
 
 def apply_overrides(config, overrides=()):
-  """``key.sub=value`` overrides (values parsed as Python literals, else strings)."""
+  """``key.sub=value`` overrides on an existing config (values parsed as Python literals, else strings)."""
   for item in overrides:
     key, _, raw = item.partition("=")
     try:
@@ -110,7 +110,10 @@ def apply_overrides(config, overrides=()):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  # Benchmarks use synthetic batches; keep the data fields consistent with the model for validation.
+  return _synthetic_data(config)
+
+
+def _synthetic_data(config):
   config.data.image_size, config.data.num_channels = config.model.input_size, config.model.in_channels
   return config
 
@@ -181,19 +184,15 @@ def build_train_step(config, seed: int = 0):
   Returns (compiled step, state, batch, model); ``compiled(state, batch) -> (state, metrics)``
   donates ``state``.
   """
-  from asymflow_jax import sharding as shd, subspace as subspace_lib, train  # pylint: disable=import-outside-toplevel
-  train.validate_config(config, jax.device_count())
   mesh = shd.make_mesh(config.mesh)
-  model, optimizer = train.model_from_config(config), train.make_optimizer(config)
-  m = config.model
+  exp = experiment.build(config, mesh, training=True)
+  model, m = exp.model, config.model
   sub = subspace_lib.random_subspace(model.config.patch_dim, m.rank, seed=seed, patch_size=m.patch_size)
-  abstract = train.abstract_state(model, optimizer, config)
-  shardings = train.state_shardings(model, optimizer, config, mesh, abstract)
-  state = train.create_state(model, optimizer, config, sub, shardings)
+  state = exp.init_state(sub)
   rng = np.random.default_rng(seed)
   b = config.batch_size
   batch = shd.global_batch(dict(
       image=rng.uniform(-1, 1, (b, m.input_size, m.input_size, m.in_channels)).astype(np.float32),
       label=rng.integers(0, m.num_classes, (b,)).astype(np.int32)), mesh)
-  compiled = train.compile_train_step(model, optimizer, config, mesh, shardings).lower(state, batch).compile()
+  compiled = objective.jit_train_step(exp).lower(state, batch).compile()
   return compiled, state, batch, model

@@ -8,7 +8,7 @@ length 8, rank 8, float32; one AdamW train step at batch 16 and a forward at bat
 10 timed calls after 3 warm-ups. Fields the spec leaves open take the reference constructor's
 defaults: in-context tokens from block 4, 1000 classes (+ null), SwiGLU ratio 4, no dropout.
 
-The train step is the project's ``train.train_step`` (sigma/label/noise sampling, AsymJiT forward
+The train step is the project's ``objective.train_step`` (sigma/label/noise sampling, AsymJiT forward
 + recovery, loss, backward, AdamW, one EMA update; no remat). The forward is ``asymjit_apply`` in
 eval mode (JiT backbone + AsymFlow recovery), jitted. This file is also a config file
 (``get_config``) for the other bench scripts.

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from asymflow_jax import sampling, subspace as subspace_lib, train  # noqa: E402
+from asymflow_jax import experiment, sampling, subspace as subspace_lib  # noqa: E402
 from asymflow_jax.models import asymjit  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main():
   args = parser.parse_args()
 
   config = common.load_config(args.config, args.set)
-  model = train.model_from_config(config)
+  model = experiment.model_from_config(config)
   m = config.model
   params = asymjit.init_params(model, jax.random.key(0))
   basis = jnp.asarray(subspace_lib.random_subspace(model.config.patch_dim, m.rank, seed=0))

@@ -1,9 +1,16 @@
-"""Shared test set-up: CPU only, the shared fixtures folder, a bounded hypothesis profile."""
+"""Shared test set-up: CPU only, the committed parity fixtures, a bounded hypothesis profile."""
 
 import os
 import pathlib
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compile cache per test run, shared by the xdist workers and every subprocess
+# they start (tiny configs recur across tests; compiling dominates their runtime).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"asymflow-test-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
@@ -14,15 +21,32 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def shared_fixtures() -> pathlib.Path:
-  """../shared/fixtures next to the repository (CI lays shared/ beside the clone)."""
-  root = pathlib.Path(os.environ.get("ASYMFLOW_SHARED", REPO.parent / "shared"))
-  path = root / "fixtures"
-  if not path.is_dir():
-    raise FileNotFoundError(f"parity fixtures not found at {path}; set ASYMFLOW_SHARED to the shared/ folder.")
-  return path
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
-  return shared_fixtures()
+  """The reference parity fixtures committed in ``tests/fixtures`` (copied from the project's shared
+  fixtures: ``jit_tiny`` from the official AsymJiT code, ``pca_tiny`` from its PCA tool)."""
+  return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def digit_classifier(tmp_path_factory) -> pathlib.Path:
+  """The default FDD digit classifier, trained once per test run (shared by the xdist workers under
+  a file lock) and saved where the CLIs and the trainer look for it (``--classifier`` /
+  ``WORKDIR/digit_classifier.msgpack``)."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  from asymflow_jax.evaluation import classifier  # pylint: disable=import-outside-toplevel
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  root = tmp_path_factory.getbasetemp().parent / f"clf-{uid}" if uid else tmp_path_factory.mktemp("clf")
+  root.mkdir(parents=True, exist_ok=True)
+  path = root / "digit_classifier.msgpack"
+  with open(root / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not path.exists():
+      tmp = root / "digit_classifier.tmp.msgpack"
+      classifier.save_classifier(tmp, classifier.train_classifier(seed=0))  # the default, as in use
+      os.replace(tmp, path)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  return path

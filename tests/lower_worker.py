@@ -11,13 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from asymflow_jax import train  # noqa: E402
+from asymflow_jax import experiment, objective, sharding  # noqa: E402
 from configs import imagenet256_h16  # noqa: E402
 
 
 def main():
   config = imagenet256_h16.get_config()
-  lowered, shardings = train.lower_train_step(config)
+  exp = experiment.build(config, sharding.make_mesh(config.mesh), training=True)
+  lowered, shardings = objective.lower_train_step(exp), exp.shardings
   params = shardings.params
   text = lowered.as_text()
   out = dict(
@@ -26,8 +27,7 @@ def main():
       opt_specs={jax.tree_util.keystr(k): str(v.spec) for k, v in jax.tree_util.tree_leaves_with_path(
           shardings.opt_state) if "blocks_0']['attn']['qkv']['kernel" in jax.tree_util.keystr(k)
           or "count" in jax.tree_util.keystr(k)},
-      num_params=int(sum(x.size for x in jax.tree.leaves(train.abstract_state(
-          train.model_from_config(config), train.make_optimizer(config), config).params))),
+      num_params=int(sum(x.size for x in jax.tree.leaves(exp.abstract.params))),
       has_bf16="bf16" in text,
       num_blocks=sum(1 for k in params if k.startswith("blocks_")),
   )

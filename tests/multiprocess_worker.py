@@ -66,6 +66,7 @@ class _ConcatIterator:
 class _ConcatPipeline:
   def __init__(self, pipes):
     self._pipes = pipes
+    self.bad_records = pipes[0].bad_records
 
   def __iter__(self):
     return _ConcatIterator(self._pipes)
@@ -83,10 +84,10 @@ def _emulate(num):
 
 
 def _hang_after(step, workdir):
-  from asymflow_jax import train  # pylint: disable=import-outside-toplevel
-  original = train.save_checkpoint
+  from asymflow_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  original = checkpoint.save_train
 
-  def save_checkpoint(mngr, state, data_state, *, force=False):
+  def save_train(mngr, state, data_state, *, force=False):
     out = original(mngr, state, data_state, force=force)
     if int(state.step) == step:
       mngr.wait_until_finished()
@@ -96,7 +97,7 @@ def _hang_after(step, workdir):
       while True:   # the test kills us here
         time.sleep(3600)
     return out
-  train.save_checkpoint = save_checkpoint
+  checkpoint.save_train = save_train
 
 
 def main():
@@ -104,7 +105,7 @@ def main():
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
   import jax  # pylint: disable=import-outside-toplevel
-  from asymflow_jax import train  # pylint: disable=import-outside-toplevel
+  from asymflow_jax import sharding, trainer  # pylint: disable=import-outside-toplevel
   from tests import train_config  # pylint: disable=import-outside-toplevel
 
   if args.emulate_processes:
@@ -119,13 +120,13 @@ def main():
   if args.check_only:
     print(f"CONFIG_OK {digest}", flush=True)
     return
-  state = train.train(config, args.workdir, progress=False)
+  state = trainer.train(config, args.workdir, progress=False).state
   flat = {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
           for k, v in jax.tree_util.tree_leaves_with_path(_gather(state.params))}
   info = dict(process_index=jax.process_index(), process_count=jax.process_count(),
               device_count=jax.device_count(), local_device_count=jax.local_device_count(),
               step=int(state.step), config_sha256=digest,
-              device_processes=[d.process_index for d in train.shd.make_mesh(config.mesh).devices.flat])
+              device_processes=[d.process_index for d in sharding.make_mesh(config.mesh).devices.flat])
   print("WORKER_INFO " + json.dumps(info), flush=True)
   if args.out and distributed.is_primary():
     np.savez(args.out, num_devices=jax.device_count(), num_processes=jax.process_count(), **flat)

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from asymflow_jax import sampling, sharding  # noqa: E402
-from asymflow_jax.models import asymjit, jit as jit_lib  # noqa: E402
+from asymflow_jax import image_io, sampling, sharding  # noqa: E402
+from asymflow_jax.models import asymjit, jit_model as jit_lib  # noqa: E402
 
 
 def perturbed_tiny_model():
@@ -35,7 +35,7 @@ def main():
   indices = jax.device_put(jnp.arange(16), sharding.batch_sharding(mesh, 1))
   images = sampling.generate(model, params, basis, 1.0, jax.random.key(7), indices, 2.0, (0.0, 0.88),
                              num_steps=4, method="heun")
-  np.savez(sys.argv[1], images=sampling.to_uint8(images), devices=jax.device_count())
+  np.savez(sys.argv[1], images=image_io.to_uint8(images), devices=jax.device_count())
 
 
 if __name__ == "__main__":

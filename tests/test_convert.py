@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -14,13 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import checkpoint
 from asymflow_jax import convert
-from asymflow_jax.models import JiT, asymjit_apply, jit_config
+from asymflow_jax.models import asymjit_apply
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURE = pathlib.Path(os.environ.get("ASYMFLOW_FIXTURES", REPO.parent / "shared" / "fixtures")) / "jit_tiny.npz"
-if not FIXTURE.exists():
-  FIXTURE = pathlib.Path("/work/shared/fixtures/jit_tiny.npz")
+from tests.conftest import FIXTURES, REPO
+
+FIXTURE = FIXTURES / "jit_tiny.npz"
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,39 +93,77 @@ def test_pth_without_torch_says_how_to_fix(tmp_path):
     convert.load_state_dict(str(path))
 
 
-def test_safetensors_cli_round_trip(tmp_path, capsys):
+CONVERT_CONFIG = str(REPO / "configs" / "asymjit_tiny.py")
+
+
+def _convert(src, workdir, *extra):
+  return convert.main(["--from", "pytorch", "--checkpoint", str(src), "--config", CONVERT_CONFIG,
+                       "--workdir", str(workdir), *extra])
+
+
+def _safetensors(tmp_path, sd, name="asymjit_tiny.safetensors"):
   from safetensors.numpy import save_file
-  src = tmp_path / "asymjit_tiny.safetensors"
+  src = tmp_path / name
+  save_file(sd, str(src))
+  return src
+
+
+def test_safetensors_cli_writes_a_workdir_that_matches_the_reference(tmp_path, capsys):
   sd = state_dict()
   sd["scale_buffer"] = np.array([0.8], np.float32)      # exercises the restored scale
-  save_file(sd, str(src))
-  out = tmp_path / "ckpt"
-  assert convert.main(["--from", "pytorch", str(src), "--model", "tiny", "--out", str(out)]) == 0
+  src = _safetensors(tmp_path, sd)
+  wd = tmp_path / "wd"
+  assert _convert(src, wd) == 0
   assert "334,144 params" in capsys.readouterr().out
+  assert (wd / "config.json").exists() and sorted(os.listdir(wd / "checkpoints")) == ["0"]
 
-  restored = convert.restore_checkpoint(str(out))
-  assert set(restored) == {"params", "basis", "scale"}
-  assert float(restored["scale"]) == pytest.approx(0.8)
-  np.testing.assert_array_equal(restored["basis"], sd["proj_buffer"])
+  # the project's own loader opens it: params (no EMA in a converted workdir), basis and scale
+  config, exp, state = checkpoint.open_workdir(str(wd))
+  assert config.model.rank == 4 and int(state.step) == 0
+  assert float(state.scale) == pytest.approx(0.8)
+  np.testing.assert_array_equal(np.asarray(state.basis), sd["proj_buffer"])
 
   d = fixture()
-  model = JiT(jit_config("tiny"))
   x = jnp.asarray(d["in/x_t"].transpose(0, 2, 3, 1))
-  v = jax.jit(lambda p, b: asymjit_apply(model, p, x, jnp.asarray(d["in/timesteps"]),
+  v = jax.jit(lambda p, b: asymjit_apply(exp.model, p, x, jnp.asarray(d["in/timesteps"]),
                                          jnp.asarray(d["in/class_labels"].astype(np.int32)), b,
-                                         scale=restored["scale"], sigma_min=af.EVAL_SIGMA_MIN))(
-                                             restored["params"], jnp.asarray(restored["basis"]))
+                                         scale=state.scale, sigma_min=af.EVAL_SIGMA_MIN))(state.params, state.basis)
   ref = d["out/eval_s0.8"].transpose(0, 2, 3, 1)
   assert float(np.max(np.abs(np.asarray(v) - ref)) / np.max(np.abs(ref))) <= 1e-5
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-  from safetensors.numpy import save_file
   sd = state_dict()
   del sd["in_context_posemb"]
-  src = tmp_path / "broken.safetensors"
-  save_file(sd, str(src))
-  assert convert.main(["--from", "pytorch", str(src), "--model", "tiny", "--out", str(tmp_path / "o")]) == 1
+  src = _safetensors(tmp_path, sd, "broken.safetensors")
+  assert _convert(src, tmp_path / "o") == 1
   err = capsys.readouterr().err
   assert err.startswith("error: state dict does not match") and "in_context_posemb" in err
   assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("corrupt,needle", [
+    (lambda sd: sd["blocks.2.mlp.w3.weight"].__setitem__((0, 0), np.nan), "blocks_2/mlp/w3/kernel: 1 non-finite values"),
+    (lambda sd: sd["final_layer.linear.bias"].__setitem__(3, np.inf), "final_layer/linear/bias: 1 non-finite values"),
+    (lambda sd: sd.__setitem__("proj_buffer", sd["proj_buffer"] * 1.5), "basis columns are not orthonormal"),
+    (lambda sd: sd["proj_buffer"].__setitem__((0, 0), np.nan), "basis columns are not orthonormal: max |U^T U - I| = nan"),
+    (lambda sd: sd.__setitem__("scale_buffer", np.array(-0.5, np.float32)), "scale_buffer: -0.5, expected a finite number > 0"),
+])
+def test_cli_rejects_unusable_weights_before_writing(tmp_path, capsys, corrupt, needle):
+  sd = state_dict()
+  corrupt(sd)
+  assert _convert(_safetensors(tmp_path, sd), tmp_path / "o") == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: the converted checkpoint is not usable") and needle in err, err
+  assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_an_existing_workdir_and_a_rank_mismatch(tmp_path, capsys):
+  src = _safetensors(tmp_path, state_dict())
+  (tmp_path / "exists").mkdir()
+  assert _convert(src, tmp_path / "exists") == 1
+  assert "--workdir=" in capsys.readouterr().err and os.listdir(tmp_path / "exists") == []
+  assert _convert(src, tmp_path / "o", "--set", "model.rank=2") == 1
+  assert "proj_buffer: rank 4, but the config has model.rank=2" in capsys.readouterr().err
+  assert _convert(src, tmp_path / "o", "--set", "model.rnak=2") == 1
+  assert "config.model.rnak does not exist" in capsys.readouterr().err

@@ -5,17 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from asymflow_jax import evaluate, train
+from asymflow_jax import config as config_lib, evaluate, scoring, trainer
 from asymflow_jax.evaluation import classifier
 from tests.train_config import tiny_train_config
-
-
-@pytest.fixture(scope="module")
-def digit_classifier(tmp_path_factory):
-  """The default digit classifier, trained once and saved where the CLI and the trainer look for it."""
-  path = tmp_path_factory.mktemp("clf") / "digit_classifier.msgpack"
-  classifier.save_classifier(path, classifier.train_classifier(seed=0))  # the default, as in use
-  return path
 
 
 def test_in_training_evaluation_logs_fdd(tmp_path, digit_classifier):
@@ -25,7 +17,7 @@ def test_in_training_evaluation_logs_fdd(tmp_path, digit_classifier):
   workdir = tmp_path / "wd"
   workdir.mkdir()
   (workdir / "digit_classifier.msgpack").write_bytes(digit_classifier.read_bytes())
-  train.train(config, str(workdir), progress=False)
+  trainer.train(config, str(workdir), progress=False)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in rows if "eval_fdd" in r]
   assert [r["step"] for r in evals] == [2]
@@ -36,9 +28,9 @@ def test_fid_evaluation_without_weights_fails_before_training():
   config = tiny_train_config(2)
   config.eval.every, config.eval.metric = 2, "fid"
   with pytest.raises(ValueError, match=r"config.eval.inception / config.eval.reference are empty"):
-    train.validate_config(config, num_devices=1)
+    config_lib.validate_config(config, num_devices=1)
   with pytest.raises(ValueError, match=r"--metric=fid needs --inception"):
-    evaluate.score_images(np.zeros((2, 32, 32, 1), np.uint8), "fid")
+    scoring.score_images(np.zeros((2, 32, 32, 1), np.uint8), "fid")
 
 
 def test_evaluate_cli_on_an_images_file(tmp_path, capsys, digit_classifier):

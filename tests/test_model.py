@@ -1,11 +1,10 @@
-"""JiT / AsymJiT model tests against the reference fixture (shared/fixtures/jit_tiny.*)."""
+"""JiT / AsymJiT model tests against the reference fixture (tests/fixtures/jit_tiny.*, from the official code)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -21,12 +20,11 @@ from asymflow_jax import asymflow as af
 from asymflow_jax.convert import _conv_patch, torch_state_dict_to_flax
 from asymflow_jax.models import (JiT, abstract_params, apply_projected_init, asymjit_apply, init_params,
                                  jit_config, param_count, param_specs, projected_init_gain, zero_basis)
-from asymflow_jax.models.jit import JiTBlock, rope_tables_2d, sincos_pos_embed_2d
+from asymflow_jax.models.jit_model import JiTBlock, rope_tables_2d, sincos_pos_embed_2d
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURE = pathlib.Path(os.environ.get("ASYMFLOW_FIXTURES", REPO.parent / "shared" / "fixtures")) / "jit_tiny.npz"
-if not FIXTURE.exists():
-  FIXTURE = pathlib.Path("/work/shared/fixtures/jit_tiny.npz")
+from tests.conftest import FIXTURES, REPO
+
+FIXTURE = FIXTURES / "jit_tiny.npz"
 
 PARITY_RTOL = 1e-5   # max |diff| / max |ref|, float32
 BF16_RTOL = 3e-2     # bf16 compute vs float32 compute, same metric

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from asymflow_jax import sample, train
+from asymflow_jax import sample, trainer
 from tests.train_config import tiny_train_config
 
 
@@ -11,7 +11,7 @@ def test_sample_cli_writes_grid_and_is_batch_independent(tmp_path):
   config.sample.num_images = 10
   config.sample.num_steps = 2
   workdir = str(tmp_path / "wd")
-  train.train(config, workdir, progress=False)
+  trainer.train(config, workdir, progress=False)
   assert (tmp_path / "wd" / "samples" / "step_0000002.png").exists()   # the end-of-training grid
   args = ["--workdir", workdir, "--num", "10", "--steps", "3", "--guidance", "1.5"]
   assert sample.main(args + ["--batch", "10", "--out", str(tmp_path / "a")]) == 0

@@ -7,6 +7,7 @@ import pytest
 
 from asymflow_jax import asymflow as af
 from asymflow_jax import subspace as sub
+from asymflow_jax.subspace.__main__ import main as subspace_cli
 
 
 @pytest.fixture(scope="module")
@@ -149,23 +150,23 @@ def test_cli_pca_random_info(tmp_path, capsys, pca_fixture):
   images = str(tmp_path / "imgs.npz")
   np.savez(images, images=(pca_fixture["images"] * 255).round().astype(np.uint8))  # NCHW uint8
   out = str(tmp_path / "pca.npz")
-  assert sub.main(["pca", "--images", images, "--patch-size", "8", "--rank", "8", "--batch-size", "10",
+  assert subspace_cli(["pca", "--images", images, "--patch-size", "8", "--rank", "8", "--batch-size", "10",
                    "--out", out]) == 0
   s = sub.Subspace.load(out)
   assert s.provenance["method"] == "pca" and s.provenance["num_images"] == 64
   # uint8 quantisation moves the projector only slightly at this spectral gap
   assert np.max(np.abs(s.projector() - pca_fixture["p8_r8/projector"])) < 2e-2
-  assert sub.main(["random", "--patch-size", "4", "--channels", "1", "--rank", "3", "--out",
+  assert subspace_cli(["random", "--patch-size", "4", "--channels", "1", "--rank", "3", "--out",
                    str(tmp_path / "r.npz")]) == 0
   assert sub.Subspace.load(str(tmp_path / "r.npz")).basis.shape == (16, 3)
   capsys.readouterr()
-  assert sub.main(["info", out]) == 0
+  assert subspace_cli(["info", out]) == 0
   text = capsys.readouterr().out
   assert "rank 8, dim 192 (patch 8, 3 channels)" in text
   recovery = float(text.split("oracle recovery max |u - (eps - x0)| = ")[1].split()[0])
   assert recovery < 1e-4
   with pytest.raises(ValueError, match=r"rank must be an integer in \[0, D=192\], got 500"):
-    sub.main(["pca", "--images", images, "--patch-size", "8", "--rank", "500", "--out", out])
+    subspace_cli(["pca", "--images", images, "--patch-size", "8", "--rank", "500", "--out", out])
 
 
 def test_cli_procrustes(tmp_path, pca_fixture):
@@ -173,7 +174,7 @@ def test_cli_procrustes(tmp_path, pca_fixture):
   np.save(images, pca_fixture["images"])
   np.save(latents, pca_fixture["procrustes/latents"])
   out = str(tmp_path / "p.npz")
-  assert sub.main(["procrustes", "--images", images, "--latents", latents, "--patch-size", "8",
+  assert subspace_cli(["procrustes", "--images", images, "--latents", latents, "--patch-size", "8",
                    "--latent-patch-size", "2", "--out", out]) == 0
   s = sub.Subspace.load(out)
   np.testing.assert_allclose(s.basis, pca_fixture["procrustes/proj_mat"], atol=2e-5)

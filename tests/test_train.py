@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from asymflow_jax import asymflow as af
-from asymflow_jax import train
+from asymflow_jax import config as config_lib
+from asymflow_jax import experiment
+from asymflow_jax import objective
+from asymflow_jax import trainer
+from asymflow_jax.models import asymjit
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,16 +42,16 @@ def _flat(params):
 
 def test_sigma_sampler_and_schedule():
   c = tiny_train_config()
-  sigma = np.asarray(train.sample_sigma(jax.random.key(0), 20000, c))
+  sigma = np.asarray(objective.sample_sigma(jax.random.key(0), 20000, c))
   assert sigma.min() >= 1e-4 and sigma.max() <= 1
   # logit-normal: logit(sigma) ~ N(0.8, 0.8^2)
   logit = np.log(sigma / (1 - sigma))
   assert abs(logit.mean() - 0.8) < 0.03 and abs(logit.std() - 0.8) < 0.03
   c.sigma_shift = 3.0
-  shifted = np.asarray(train.sample_sigma(jax.random.key(0), 20000, c))
+  shifted = np.asarray(objective.sample_sigma(jax.random.key(0), 20000, c))
   np.testing.assert_allclose(shifted, np.clip(3 * sigma / (1 + 2 * sigma), 1e-4, 1), rtol=1e-5)
   c.lr, c.warmup_steps, c.warmup_ratio = 1e-3, 10, 1e-8
-  sched = train.lr_schedule(c)
+  sched = experiment.lr_schedule(c)
   np.testing.assert_allclose([float(sched(i)) for i in (0, 5, 10, 50)], [1e-3 * 1e-8, 1e-3 * (1 - 0.5 * (1 - 1e-8)), 1e-3, 1e-3],
                              rtol=1e-6)
 
@@ -55,20 +59,20 @@ def test_sigma_sampler_and_schedule():
 def test_flow_loss_matches_direct_formula():
   c = tiny_train_config()
   c.prob_class = 1.0
-  model = train.model_from_config(c)
+  model = experiment.model_from_config(c)
   basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0], jnp.float32)
-  params = train.asymjit.init_params(model, jax.random.key(1), basis)
+  params = asymjit.init_params(model, jax.random.key(1), basis)
   rng = np.random.default_rng(1)
   batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32), label=jnp.arange(4))
   key = jax.random.key(3)
-  loss, aux = train.flow_loss(params, batch, key, basis, 1.0, model=model, config=c)
+  loss, aux = objective.flow_loss(params, batch, key, basis, 1.0, model=model, config=c)
   # rebuild the same draws and the loss by hand: w = sigma / max(sigma, 0.05), target eps - x0
   _, k_sigma, k_noise, _ = jax.random.split(key, 4)
-  sigma = train.sample_sigma(k_sigma, 4, c)
+  sigma = objective.sample_sigma(k_sigma, 4, c)
   noise = jax.random.normal(k_noise, (4, 32, 32, 1))
   x0 = batch["image"]
   x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-  u = train.asymjit.asymjit_apply(model, params, x_t, sigma, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN)
+  u = asymjit.asymjit_apply(model, params, x_t, sigma, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN)
   w = np.asarray(sigma / np.maximum(sigma, 0.05))[:, None, None, None]
   want = np.mean((w * (np.asarray(u) - (np.asarray(noise) - np.asarray(x0)))) ** 2)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
@@ -79,36 +83,36 @@ def test_bad_configs_fail_fast_with_clear_messages():
   c = tiny_train_config()
   c.batch_size = 6
   with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by data x fsdp = 4"):
-    train.validate_config(c, num_devices=4)
+    config_lib.validate_config(c, num_devices=4)
   c = tiny_train_config()
   c.mesh.data, c.mesh.fsdp = 2, 2
   with pytest.raises(ValueError, match=r"has 4 devices but 8 are available"):
-    train.validate_config(c, num_devices=8)
+    config_lib.validate_config(c, num_devices=8)
   c = tiny_train_config()
   c.model.rank = 17
   with pytest.raises(ValueError, match=r"rank=17 is outside \[0, D=16\]"):
-    train.validate_config(c, num_devices=1)
+    config_lib.validate_config(c, num_devices=1)
   c = tiny_train_config()
   c.model.rank = 16
   c.model.bottleneck_dim = 8
   with pytest.raises(ValueError, match=r"rank=16 exceeds bottleneck_dim=8: the projected init"):
-    train.validate_config(c, num_devices=1)
+    config_lib.validate_config(c, num_devices=1)
   c.model.projected_init = False
-  train.validate_config(c, num_devices=1)  # r = D velocity prediction without the projected init is valid
+  config_lib.validate_config(c, num_devices=1)  # r = D velocity prediction without the projected init is valid
   c = tiny_train_config()
   c.model.patch_size = 5
   with pytest.raises(ValueError, match=r"input_size=32 is not divisible by patch_size=5"):
-    train.validate_config(c, num_devices=1)
+    config_lib.validate_config(c, num_devices=1)
   c = tiny_train_config()
   c.data.image_size = 28
   with pytest.raises(ValueError, match=r"does not match the data 28x28x1"):
-    train.validate_config(c, num_devices=1)
+    config_lib.validate_config(c, num_devices=1)
 
 
 def test_resume_is_exact(tmp_path):
-  straight = train.train(tiny_train_config(4), str(tmp_path / "a"), progress=False)
-  train.train(tiny_train_config(2), str(tmp_path / "b"), progress=False)   # "killed" after step 2
-  resumed = train.train(tiny_train_config(4), str(tmp_path / "b"), progress=False)
+  straight = trainer.train(tiny_train_config(4), str(tmp_path / "a"), progress=False).state
+  trainer.train(tiny_train_config(2), str(tmp_path / "b"), progress=False).state   # "killed" after step 2
+  resumed = trainer.train(tiny_train_config(4), str(tmp_path / "b"), progress=False).state
   assert int(resumed.step) == int(straight.step) == 4
   for k, v in _flat(straight.params).items():
     np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
@@ -138,7 +142,7 @@ def test_eight_devices_match_one_and_restore_on_one(tmp_path):
     if k != "num_devices":
       np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # the 8-device checkpoint restores on this single-device process and training continues
-  state = train.train(tiny_train_config(6), str(tmp_path / "eight"), progress=False)
+  state = trainer.train(tiny_train_config(6), str(tmp_path / "eight"), progress=False).state
   assert int(state.step) == 6
   losses = _losses(tmp_path / "eight")
   assert set(losses) == set(range(1, 7)) and all(np.isfinite(v) for v in losses.values())
@@ -146,9 +150,9 @@ def test_eight_devices_match_one_and_restore_on_one(tmp_path):
 
 def test_nonfinite_loss_is_reported_and_not_saved(tmp_path):
   c = tiny_train_config(2)
-  c.lr = float("nan")  # poisons the update: the step is skipped, recorded, and training stops
-  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 1"):
-    train.train(c, str(tmp_path), progress=False)
+  c.lr = 3e38  # a valid lr whose update overflows: the step is skipped, recorded, and training stops
+  with pytest.raises(FloatingPointError, match=r"non-finite update at step 1 .*no checkpoint was written"):
+    trainer.train(c, str(tmp_path), progress=False)
   assert not (tmp_path / "checkpoints" / "2").exists()
 
 
@@ -183,7 +187,7 @@ def test_mesh_recipes_and_config_args():
   # the paper's batch divides every recipe's data x fsdp on its slice
   for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
     c = imagenet256_h16.get_config(recipe)
-    train.validate_config(c, num_devices=devices)
+    config_lib.validate_config(c, num_devices=devices)
 
 
 @pytest.mark.parametrize("rank,projected_init", [(0, True), (16, False)])
@@ -193,9 +197,9 @@ def test_rank_zero_and_full_rank_checkpoint_and_resume(tmp_path, rank, projected
     c = tiny_train_config(steps)
     c.model.rank, c.model.projected_init = rank, projected_init
     return c
-  straight = train.train(config(4), str(tmp_path / "a"), progress=False)
-  train.train(config(2), str(tmp_path / "b"), progress=False)
-  resumed = train.train(config(4), str(tmp_path / "b"), progress=False)
+  straight = trainer.train(config(4), str(tmp_path / "a"), progress=False).state
+  trainer.train(config(2), str(tmp_path / "b"), progress=False).state
+  resumed = trainer.train(config(4), str(tmp_path / "b"), progress=False).state
   assert resumed.basis.shape == (16, rank)
   for k, v in _flat(straight.params).items():
     np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)

@@ -17,3 +17,8 @@ def tiny_train_config(num_steps: int = 4):
   c.checkpoint.async_save = False
   c.subspace.num_images = 200
   return c
+
+
+def get_config(arg: str | None = None):
+  """``--config=tests/train_config.py:STEPS`` for the command-line tests."""
+  return tiny_train_config(int(arg) if arg else 4)

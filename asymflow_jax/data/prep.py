@@ -1,4 +1,4 @@
-"""Writes an ArrayRecord file from a folder of images.
+r"""Writes an ArrayRecord file from a folder of images.
 
 Usage::
 

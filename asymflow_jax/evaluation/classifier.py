@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from asymflow_jax.data.sources import load_mnist_5k
 from asymflow_jax.evaluation import metrics
 
 FEATURE_DIM = 128
@@ -52,13 +53,19 @@ class DigitClassifier(nn.Module):
 
 
 def prepare_digits(images) -> np.ndarray:
-  """Any accepted digit layout -> float32 ``[N, 32, 32, 1]`` in ``[-1, 1]``."""
+  """Any accepted digit layout -> float32 ``[N, 32, 32, 1]`` in ``[-1, 1]``.
+
+  RGB digits (the embedded digits replicated to 3 channels, e.g. ``configs/asymjit_tiny.py``) are
+  scored on the mean of their channels.
+  """
   x = np.asarray(images)
   if x.ndim == 3:
     x = x[..., None]
-  if x.ndim != 4 or x.shape[-1] != 1 or x.shape[1:3] not in ((28, 28), (32, 32)):
-    raise ValueError(f"expected digits [N, 32|28, 32|28(, 1)], got shape {x.shape}")
+  if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[1:3] not in ((28, 28), (32, 32)):
+    raise ValueError(f"expected digits [N, 32|28, 32|28(, 1|3)], got shape {x.shape}")
   x = metrics.to_model_range(x)
+  if x.shape[-1] == 3:
+    x = x.mean(axis=-1, keepdims=True)
   if x.shape[1] == 28:
     x = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
   return x
@@ -66,7 +73,6 @@ def prepare_digits(images) -> np.ndarray:
 
 def embedded_digits() -> tuple[np.ndarray, np.ndarray]:
   """The 5000 embedded MNIST digits: (float32 [5000, 32, 32, 1] in [-1, 1], int32 labels)."""
-  from asymflow_jax.data.sources import load_mnist_5k
   images, labels = load_mnist_5k()
   return prepare_digits(images), np.asarray(labels, np.int32)
 

@@ -1,6 +1,6 @@
 """Models: the JiT backbone and the AsymJiT wrapper."""
 
-from asymflow_jax.models.jit import (
+from asymflow_jax.models.jit_model import (
     JiT,
     JiTConfig,
     PRESET_NAMES,

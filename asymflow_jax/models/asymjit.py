@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from asymflow_jax.asymflow import calibrate, check_basis, patchify, recover_velocity, unpatchify
-from asymflow_jax.models.jit import JiT, JiTConfig
+from asymflow_jax.models.jit_model import JiT, JiTConfig
 
 
 def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, sigma_min: float,

@@ -1,0 +1,224 @@
+"""An experiment built from its config: model, optimizer, subspace, and the train or inference state
+with its shardings on a mesh.
+
+    exp = experiment.build(config, mesh, training=True)    # or training=False to sample/evaluate
+    state = exp.init_state(experiment.make_subspace(config))
+
+``exp.abstract`` holds shapes and dtypes only (nothing is allocated) and ``exp.shardings`` the
+NamedSharding of every leaf: parameters by the logical-axis rules, optimizer state derived from
+its parameters, scalars replicated. Checkpoint restore (``asymflow_jax.checkpoint``) and the
+compiled steps use both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax
+import ml_collections
+import optax
+
+from asymflow_jax import config as config_lib
+from asymflow_jax import sharding as shd
+from asymflow_jax import subspace as subspace_lib
+from asymflow_jax.data import pipeline as data_pipeline
+from asymflow_jax.models import asymjit, jit_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Bits of TrainState.nonfinite_kind: what was not finite in the skipped update.
+NONFINITE_LOSS, NONFINITE_GRAD, NONFINITE_UPDATE = 1, 2, 4
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training checkpoint holds besides the data-iterator state.
+
+  ``ema`` is a tuple of parameter trees, one per decay in ``config.ema_decays``. ``basis`` (D, r)
+  and ``scale`` are the subspace (not trained). ``nonfinite_step`` is -1, or the first step whose
+  update was skipped because something was not finite; ``nonfinite_kind`` says what (bits
+  NONFINITE_LOSS | NONFINITE_GRAD | NONFINITE_UPDATE).
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: tuple
+  rng: jax.Array
+  basis: jax.Array
+  scale: jax.Array
+  nonfinite_step: jax.Array
+  nonfinite_kind: jax.Array
+
+
+@flax.struct.dataclass
+class InferenceState:
+  """What sampling and evaluation need: one parameter tree (raw or an EMA), the subspace, the step."""
+
+  step: jax.Array
+  params: Any
+  basis: jax.Array
+  scale: jax.Array
+
+
+def describe_nonfinite(kind: int) -> str:
+  """'loss', 'gradient', 'update' (or several, joined) from a ``nonfinite_kind`` bit set."""
+  names = [n for bit, n in ((NONFINITE_LOSS, "loss"), (NONFINITE_GRAD, "gradient"), (NONFINITE_UPDATE, "update"))
+           if int(kind) & bit]
+  return " and ".join(names) or "value"
+
+
+# ------------------------------------------------------------------------------ model & optimizer
+
+
+def model_from_config(config) -> jit_model.JiT:
+  """The JiT backbone with every architecture field of ``config.model``."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}.")
+  cfg = jit_model.JiTConfig(**{f.name: m[f.name] for f in dataclasses.fields(jit_model.JiTConfig)})
+  return jit_model.JiT(cfg, dtype=DTYPES[m.dtype], remat=m.remat, remat_policy=m.remat_policy)
+
+
+def lr_schedule(config) -> optax.Schedule:
+  """Constant lr after an mmcv linear warm-up: lr_i = lr (1 - (1 - i/W)(1 - ratio)) for i < W."""
+  def schedule(step):
+    frac = jnp.minimum(step / max(config.warmup_steps, 1), 1.0)
+    return config.lr * (frac + (1 - frac) * config.warmup_ratio)  # the same, without cancellation
+  return schedule
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW (spec section 4) with the warm-up schedule, after optional global-norm clipping."""
+  parts = []
+  if config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay))
+  return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------------------------- subspace
+
+
+def make_subspace(config) -> subspace_lib.Subspace:
+  """The run's subspace, made once at the start of training (it then lives in the checkpoint):
+  ``kind=file`` loads ``subspace.path``; ``pca`` runs PCA over ``subspace.num_images`` training
+  images; ``random`` draws a Haar-random basis. Rows are in the model's DiT (py, px, c) packing."""
+  m, s = config.model, config.subspace
+  d = m.patch_size ** 2 * m.in_channels
+  if s.kind == "file":
+    sub = subspace_lib.Subspace.load(s.path)
+  elif s.kind == "random":
+    sub = subspace_lib.random_subspace(d, m.rank, seed=s.seed, patch_size=m.patch_size)
+  else:
+    sub = _pca_from_data(config)
+  if sub.packing != "dit":
+    sub = sub.with_packing("dit")
+  if sub.dim != d or sub.rank != m.rank:
+    raise ValueError(f"subspace has D={sub.dim}, r={sub.rank}; the model needs D={d}, r={m.rank}.")
+  return sub
+
+
+def _pca_from_data(config) -> subspace_lib.Subspace:
+  """PCA on ``subspace.num_images`` training images (one pass over a seeded pipeline)."""
+  m, s = config.model, config.subspace
+  batch = 100
+  pipe = data_pipeline.make_pipeline(config.data, seed=s.seed, global_batch_size=batch, process_index=0,
+                                     process_count=1, num_epochs=1)
+  num = min(s.num_images, pipe.steps_per_epoch * batch)
+  it = iter(pipe)
+  batches = (next(it)["image"] for _ in range(max(num // batch, 1)))
+  return subspace_lib.pca_subspace(batches, m.patch_size, m.rank, progress=jax.process_index() == 0,
+                                   provenance=dict(data=config.data.source, num_images=num, seed=s.seed))
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A config made concrete on a mesh. ``optimizer`` is None for inference experiments."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: jit_model.JiT
+  optimizer: optax.GradientTransformation | None
+  abstract: TrainState | InferenceState
+  shardings: TrainState | InferenceState
+
+  @property
+  def training(self) -> bool:
+    return self.optimizer is not None
+
+  def target(self):
+    """The abstract state with its shardings (ShapeDtypeStructs): a restore target or lowering input."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings)
+
+  def init_state(self, sub: subspace_lib.Subspace, params=None) -> TrainState:
+    """A fresh TrainState directly in its shardings (no host copy of the full model).
+
+    ``params`` (optional, e.g. a converted checkpoint to finetune) replaces the initialisation;
+    the EMA trees start from the parameters.
+    """
+    if not self.training:
+      raise ValueError("init_state needs a training experiment (build(..., training=True)).")
+    config, model, optimizer = self.config, self.model, self.optimizer
+    projected = sub.rank > 0 and config.model.projected_init
+
+    def init(key, basis, given):
+      p = given if given is not None else asymjit.init_params(model, key, basis if projected else None)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                        ema=tuple(p for _ in config.ema_decays), rng=jax.random.fold_in(key, 1),
+                        basis=basis, scale=jnp.asarray(sub.scale, jnp.float32),
+                        nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32))
+    return jax.jit(init, out_shardings=self.shardings)(jax.random.key(config.seed), jnp.asarray(sub.basis), params)
+
+
+def _abstract_train_state(model, optimizer, config) -> TrainState:
+  d = model.config.patch_dim
+
+  def init():
+    params = asymjit.init_params(model, jax.random.key(0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      ema=tuple(params for _ in config.ema_decays), rng=jax.random.key(0),
+                      basis=jnp.zeros((d, config.model.rank)), scale=jnp.zeros(()),
+                      nonfinite_step=jnp.zeros((), jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32))
+  return jax.eval_shape(init)
+
+
+def _abstract_inference_state(model, config) -> InferenceState:
+  d = model.config.patch_dim
+  return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=flax.linen.meta.unbox(jit_model.abstract_params(model)),
+                        basis=jax.ShapeDtypeStruct((d, config.model.rank), jnp.float32),
+                        scale=jax.ShapeDtypeStruct((), jnp.float32))
+
+
+def build(config, mesh, *, training: bool) -> Experiment:
+  """Model, optimizer (training only), abstract state and shardings for ``config`` on ``mesh``.
+
+  Validates the config first (no files are checked here; the entry points do that), so every
+  error surfaces before anything is compiled.
+  """
+  config_lib.validate_config(config, mesh.size, jax.process_count(), training=training, check_files=False)
+  model = model_from_config(config)
+  repl = shd.replicated(mesh)
+  if training:
+    optimizer = make_optimizer(config)
+    abstract = _abstract_train_state(model, optimizer, config)
+    param_sh = shd.logical_to_sharding(jit_model.param_specs(model), abstract.params, mesh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
+                                   transform_non_params=lambda _: repl)
+    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
+                           ema=tuple(param_sh for _ in config.ema_decays), rng=repl, basis=repl, scale=repl,
+                           nonfinite_step=repl, nonfinite_kind=repl)
+  else:
+    optimizer = None
+    abstract = _abstract_inference_state(model, config)
+    param_sh = shd.logical_to_sharding(jit_model.param_specs(model), abstract.params, mesh)
+    shardings = InferenceState(step=repl, params=param_sh, basis=repl, scale=repl)
+  return Experiment(config=config, mesh=mesh, model=model, optimizer=optimizer, abstract=abstract,
+                    shardings=shardings)

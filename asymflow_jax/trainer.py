@@ -1,0 +1,196 @@
+"""The training loop: one readable function that runs or resumes a run in a workdir.
+
+    result = trainer.train(config, workdir)        # TrainResult(state, status, step)
+
+Order of work: validate the config and every file it names; compare it with the workdir's stored
+config (a structural change stops here, before anything is written); build the sharded experiment;
+restore the newest checkpoint that verifies (or make the subspace and a fresh state); then per
+step: global batch -> jitted ``train_step`` -> metrics, checkpoints, samples, evaluation.
+
+Faults: any exception or Ctrl-C inside the loop first waits for the in-flight async checkpoint and
+closes the checkpoint manager, then propagates unchanged, so no finished checkpoint is lost and
+the real error is the one reported. ``stop_requested()`` (the CLI sets it on SIGTERM) or JAX's
+multi-host preemption notice ends the run after a forced save with status ``"preempted"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable
+
+import numpy as np
+
+import jax
+from jax.experimental import multihost_utils
+from etils import epath
+
+from asymflow_jax import checkpoint
+from asymflow_jax import config as config_lib
+from asymflow_jax import distributed
+from asymflow_jax import experiment
+from asymflow_jax import image_io
+from asymflow_jax import objective
+from asymflow_jax import sampling
+from asymflow_jax import scoring
+from asymflow_jax import sharding as shd
+from asymflow_jax.data import pipeline as data_pipeline
+from asymflow_jax.metric_log import MetricWriter, log, progress_bar
+
+COMPLETED, PREEMPTED = "completed", "preempted"
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: experiment.TrainState
+  status: str        # COMPLETED | PREEMPTED
+  step: int
+
+
+def _data_state(iterator, pipe) -> dict:
+  """Every process's iterator state and skipped-record count (a collective)."""
+  local = json.dumps(dict(iterator=iterator.get_state(), bad_records=pipe.bad_records.count))
+  states = [json.loads(s) for s in distributed.allgather_strings(local)]
+  return dict(process_count=len(states), iterators=[s["iterator"] for s in states],
+              bad_records=int(sum(s["bad_records"] for s in states)))
+
+
+def _restore_iterator(iterator, data: dict):
+  states = data.get("iterators") or []
+  if not states:
+    log("WARNING: the checkpoint holds no data-iterator state; the data order restarts.")
+  elif data.get("process_count") != jax.process_count():
+    log(f"WARNING: the checkpoint's data state is from {data.get('process_count')} processes, this run has "
+        f"{jax.process_count()}: the data order restarts (the model state is restored exactly).")
+  else:
+    iterator.set_state(states[jax.process_index()])
+
+
+def _skipped_records(pipe) -> int:
+  if jax.process_count() == 1:
+    return pipe.bad_records.count
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(pipe.bad_records.count, np.int64))))
+
+
+def _sample_images(state, exp, num: int, seed: int) -> np.ndarray:
+  """uint8 EMA samples (class-balanced; sampler and CFG from ``config.sample``), on every process."""
+  return sampling.generate_from_config(exp.model, state.ema[0], state.basis, state.scale, exp.mesh,
+                                       sample_config=exp.config.sample, num=num, seed=seed)
+
+
+def write_sample_grid(state, exp, path) -> np.ndarray:
+  """A PNG grid of ``config.sample.num_images`` EMA samples (one class per column); returns them."""
+  images = _sample_images(state, exp, exp.config.sample.num_images, exp.config.seed + 1)
+  if jax.process_index() == 0:
+    n, classes = images.shape[0], exp.model.config.num_classes
+    image_io.save_png(path, images, cols=classes if n % classes == 0 else None,
+                      upscale=max(1, 128 // exp.model.config.input_size))
+  return images
+
+
+def _scalars(metrics, n_images: int, seconds: float, skipped: int) -> dict:
+  scalars = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), lr=float(metrics["lr"]),
+                 img_per_s=n_images / max(seconds, 1e-9), skipped_records=skipped)
+  edges = objective.SIGMA_BUCKETS
+  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+    if metrics["count_by_sigma"][i] > 0:
+      scalars[f"loss_sigma_{lo:.2f}_{hi:.2f}"] = float(metrics["loss_by_sigma"][i])
+  return scalars
+
+
+def train(config, workdir, *, progress: bool = True, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+  """Runs (or resumes) training in ``workdir``; returns the final state and how the run ended."""
+  config_lib.validate_config(config, jax.device_count(), jax.process_count())
+  distributed.check_config_agreement(config, dict(workdir=str(workdir)))
+  changed = checkpoint.check_resume_config(workdir, config)
+  if changed:
+    log("resuming with changed settings: " + "; ".join(changed))
+  e = config.eval
+  scorer = (scoring.make_scorer(e.metric, inception=e.inception or None, reference=e.reference or None,
+                                classifier_cache=str(epath.Path(workdir) / "digit_classifier.msgpack"),
+                                num_images=e.num_images) if e.every else None)
+  mesh = shd.make_mesh(config.mesh)
+  exp = experiment.build(config, mesh, training=True)
+  pipe = data_pipeline.make_pipeline(config.data, seed=config.seed, global_batch_size=config.batch_size)
+  iterator = iter(pipe)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mngr = checkpoint.manager(workdir, config)
+  try:
+    restored = checkpoint.restore_train(workdir, mngr, exp)
+    if restored is not None:
+      state, data = restored
+      _restore_iterator(iterator, data)
+      log(f"resumed from step {int(state.step)}")
+    else:
+      state = exp.init_state(experiment.make_subspace(config))
+    checkpoint.write_config(workdir, config)
+    result = _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requested or (lambda: False))
+    mngr.wait_until_finished()
+  except BaseException:
+    _finish_saves(mngr)
+    raise
+  mngr.close()
+  return result
+
+
+def _finish_saves(mngr):
+  """On the way out of an error: let the last async save complete, then close the manager."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as err:  # the original error matters more; report this one briefly
+    log(f"WARNING: the last checkpoint save did not complete: {type(err).__name__}: {err}")
+  try:
+    mngr.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requested) -> TrainResult:
+  config = exp.config
+  step_fn = objective.jit_train_step(exp)
+  start = int(state.step)
+  writer = MetricWriter(workdir, resume_step=start)
+  bar = progress_bar(start, config.num_steps, progress)
+  t0, n_images = time.time(), 0
+  try:
+    for step in range(start, config.num_steps):
+      batch = shd.global_batch(next(iterator), exp.mesh)
+      state, metrics = step_fn(state, batch)
+      n_images += config.batch_size
+      done = step + 1
+      if done % config.log_every == 0 or done == config.num_steps:
+        metrics = jax.device_get(metrics)
+        if int(state.nonfinite_step) >= 0:
+          raise FloatingPointError(
+              f"non-finite {experiment.describe_nonfinite(state.nonfinite_kind)} at step {int(state.nonfinite_step)} "
+              f"(loss {metrics['loss']}, gradient norm {metrics['grad_norm']}); that update was skipped and no "
+              f"checkpoint was written after it (latest: step {mngr.latest_step()}).")
+        scalars = _scalars(metrics, n_images, time.time() - t0, _skipped_records(pipe))
+        writer.write(done, scalars)
+        if bar is not None:
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_s']:.1f}")
+        t0, n_images = time.time(), 0
+      if bar is not None:
+        bar.update(1)
+      if stop_requested() or mngr.reached_preemption(done):
+        checkpoint.save_train(mngr, state, _data_state(iterator, pipe), force=True)
+        mngr.wait_until_finished()
+        log(f"preempted: saved step {done}")
+        return TrainResult(state, PREEMPTED, done)
+      if done % config.checkpoint.every == 0 or done == config.num_steps:
+        checkpoint.save_train(mngr, state, _data_state(iterator, pipe), force=True)
+      if scorer is not None and done % config.eval.every == 0:
+        images = _sample_images(state, exp, config.eval.num_images, config.seed + 2)
+        if jax.process_index() == 0:
+          writer.write(done, {f"eval_{k}": float(v) for k, v in scorer(images).items()
+                              if k not in ("metric", "num_images")})
+      if (config.sample.every and done % config.sample.every == 0) or done == config.num_steps:
+        path = epath.Path(workdir) / "samples" / f"step_{done:07d}.png"
+        write_sample_grid(state, exp, path)
+        log(f"wrote {path}")
+  finally:
+    writer.close()
+    if bar is not None:
+      bar.close()
+  return TrainResult(state, COMPLETED, int(state.step))

@@ -1,0 +1,257 @@
+"""Fault injection on the real command lines (subprocesses, tiny config): errors and Ctrl-C inside
+the loop, SIGTERM, bad configs, a changed config on resume, corrupt checkpoints, NaN results,
+late-checked evaluation inputs, bad CLI arguments. Each test asserts the exact outcome: the
+checkpoints on disk, the message, the exit code."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+
+from asymflow_jax import checkpoint
+from asymflow_jax import config as config_lib
+from asymflow_jax import experiment
+from asymflow_jax import sharding as shd
+from tests.train_config import tiny_train_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "--config=tests/train_config.py:6"
+FAST = ["--config.checkpoint.async_save=True", "--config.sample.num_steps=1", "--config.sample.num_images=2"]
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _train(workdir, *extra, fault="none", at=0):
+  return _run(["tests/fault_worker.py", fault, str(at), "--", CONFIG, f"--workdir={workdir}", *FAST, *extra])
+
+
+def _steps(workdir):
+  return sorted(os.listdir(pathlib.Path(workdir) / "checkpoints"))
+
+
+def _final_params(workdir):
+  _, _, state = checkpoint.open_workdir(str(workdir), weights="params")
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted 6-step run (checkpoints at 2, 4, 6)."""
+  wd = tmp_path_factory.mktemp("straight") / "wd"
+  proc = _train(wd)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "completed at step 6" in proc.stderr
+  return wd
+
+
+def test_error_in_the_loop_keeps_the_checkpoint_and_is_reported_once(tmp_path):
+  proc = _train(tmp_path / "wd", fault="raise", at=3)   # right after the async save of step 2 started
+  assert proc.returncode == 1
+  err = proc.stderr
+  assert err.count("RuntimeError: injected bad record at batch 3") == 1, err[-3000:]
+  assert err.count("Traceback") == 1 and "Event loop is closed" not in err, err[-3000:]
+  assert _steps(tmp_path / "wd") == ["2"]   # finished: no *.orbax-checkpoint-tmp left behind
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_exits_130(tmp_path):
+  proc = _train(tmp_path / "wd", fault="interrupt", at=3)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "interrupted: the last checkpoint save was completed" in proc.stderr
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+  assert _steps(tmp_path / "wd") == ["2"]
+
+
+def test_sigterm_saves_exits_0_and_resumes_bitwise(tmp_path, straight):
+  wd = tmp_path / "wd"
+  proc = _train(wd, fault="sigterm", at=3)   # SIGTERM arrives while step 3 is prepared
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "preempted: saved step 3" in proc.stderr and "preempted at step 3" in proc.stderr
+  assert _steps(wd) == ["2", "3"]
+  proc = _train(wd)
+  assert proc.returncode == 0 and "resumed from step 3" in proc.stderr, proc.stderr[-3000:]
+  assert _steps(wd) == ["3", "4", "6"]   # keep = 3 newest
+  want, got = _final_params(straight), _final_params(wd)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # every logged step appears once, with the loss of the uninterrupted run
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  ref = {r["step"]: r["loss"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert {r["step"]: r["loss"] for r in rows} == ref
+
+
+def test_keep_zero_and_other_bad_values_fail_before_anything_is_touched(tmp_path, straight):
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  before = _steps(wd)
+  proc = _run(["-m", "asymflow_jax.train", CONFIG, f"--workdir={wd}", "--config.checkpoint.keep=0",
+               "--config.lr=-1.0", "--config.log_every=0"])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  for needle in ("config.checkpoint.keep=0: expected an integer >= 1", "config.lr=-1.0: expected a finite number > 0",
+                 "config.log_every=0: expected an integer >= 1"):
+    assert needle in proc.stderr, proc.stderr[-2000:]
+  assert _steps(wd) == before
+  proc = _run(["-m", "asymflow_jax.train", CONFIG, f"--workdir={wd}", "--config.checkpoint.kepp=2"])
+  assert proc.returncode != 0 and "kepp" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unknown_key_in_a_config_names_close_matches():
+  c = tiny_train_config()
+  c.checkpoint.kepp = 2
+  c.modle = c.model
+  with pytest.raises(ValueError) as err:
+    config_lib.validate_config(c, 1)
+  msg = str(err.value)
+  assert "config.checkpoint.kepp does not exist; did you mean checkpoint.keep?" in msg
+  assert "config.modle does not exist; did you mean model?" in msg
+
+
+def test_resume_with_a_changed_model_stops_and_keeps_the_stored_config(tmp_path, straight):
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  stored = (wd / "config.json").read_bytes()
+  proc = _run(["-m", "asymflow_jax.train", CONFIG, f"--workdir={wd}", "--config.model.depth=3",
+               "--config.model.rank=2"])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "model.depth: 2 -> 3" in proc.stderr and "model.rank: 4 -> 2" in proc.stderr
+  assert "does not match the one stored in" in proc.stderr
+  assert (wd / "config.json").read_bytes() == stored
+  # sampling still opens the workdir
+  proc = _run(["-m", "asymflow_jax.sample", f"--workdir={wd}", "--num=2", "--steps=1", f"--out={tmp_path / 's'}"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _restore(wd, capsys):
+  config = tiny_train_config(6)
+  exp = experiment.build(config, shd.make_mesh(config.mesh), training=True)
+  mngr = checkpoint.manager(str(wd), config)
+  try:
+    out = checkpoint.restore_train(str(wd), mngr, exp)
+  finally:
+    mngr.close()
+  return out, capsys.readouterr().err
+
+
+def _array_files(step_dir):
+  return sorted(p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, straight, capsys):
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  for f in _array_files(wd / "checkpoints" / "6"):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  (state, data), err = _restore(wd, capsys)
+  assert int(state.step) == 4 and data["process_count"] == 1
+  assert "WARNING: checkpoint step 6 could not be read" in err
+  assert "resuming from step 4, the newest checkpoint that verifies; steps [6] were moved" in err
+  assert _steps(wd) == ["2", "4"] and os.listdir(wd / "corrupt_checkpoints") == ["6"]
+
+
+def test_silently_changed_data_fails_its_fingerprint(tmp_path, straight, capsys):
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  # valid orbax data with other values (what an undetected bit flip looks like): step 4's params in step 6
+  shutil.rmtree(wd / "checkpoints" / "6" / "params")
+  shutil.copytree(wd / "checkpoints" / "4" / "params", wd / "checkpoints" / "6" / "params")
+  (state, _), err = _restore(wd, capsys)
+  assert int(state.step) == 4
+  assert "step 6: item 'params' does not match the fingerprint written with it" in err
+
+
+def test_missing_metadata_everywhere_stops_naming_every_step(tmp_path, straight, capsys):
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  for step in ("2", "4", "6"):
+    shutil.rmtree(wd / "checkpoints" / step / "train_meta")
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    _restore(wd, capsys)
+  msg = str(err.value)
+  assert all(f"step {s} has no item(s) ['train_meta']" in msg for s in (2, 4, 6)), msg
+  assert _steps(wd) == ["2", "4", "6"] and not (wd / "corrupt_checkpoints").exists()   # nothing moved
+
+
+def test_fingerprint_sees_every_single_bit_flip():
+  x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+  base = checkpoint.fingerprints({"a": {"x": x}})[0]["a"]
+  bits = x.view(np.uint32)
+  for i in range(x.size):
+    for b in (0, 13, 31):
+      flipped = bits.copy().reshape(-1)
+      flipped[i] ^= np.uint32(1 << b)
+      assert checkpoint.fingerprints({"a": {"x": flipped.view(np.float32).reshape(x.shape)}})[0]["a"] != base
+
+
+def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight):
+  cases = [(["--guidance=nan"], "--guidance=nan: expected a finite number >= 0"),
+           (["--num=0"], "--num=0: expected at least 1 image"),
+           (["--batch=-3"], "--batch=-3: expected at least 1"),
+           (["--steps=0"], "--steps=0: expected at least 1"),
+           (["--interval", "0.8", "0.2"], "--interval 0.8 0.2: expected 0 <= LO <= HI <= 1"),
+           (["--ema=3"], "--ema=3: the run has 1 EMA tree(s)")]
+  for extra, needle in cases:
+    proc = _run(["-m", "asymflow_jax.sample", f"--workdir={straight}", *extra])
+    assert proc.returncode == 2 and needle in proc.stderr, (extra, proc.stderr[-1500:])
+  assert not (straight / "samples" / "sample_0000006.png").exists()
+
+
+def test_nan_weights_and_nan_reference_statistics_fail_loudly(tmp_path, straight, capsys):
+  # NaN EMA weights in the newest checkpoint: sampling refuses them (exit 1), no black PNG is written
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  (state, data), _ = _restore(wd, capsys)
+  shutil.rmtree(wd / "checkpoints" / "6")
+  mngr = checkpoint.manager(str(wd), tiny_train_config(6))
+  nan_ema = jax.tree.map(lambda x: x * np.nan, state.params)
+  checkpoint.save_train(mngr, state.replace(ema=(nan_ema,)), data, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  proc = _run(["-m", "asymflow_jax.sample", f"--workdir={wd}", "--num=2", "--steps=1", f"--out={tmp_path / 's'}"])
+  assert proc.returncode == 1 and "item 'ema_0' holds NaN or Inf values" in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "s.png").exists()
+  # NaN reference statistics: an error, not "fid": NaN
+  np.savez(tmp_path / "ref.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+  np.savez(tmp_path / "images.npz", images=np.zeros((20, 32, 32, 3), np.uint8))
+  from asymflow_jax.evaluation import inception
+  inception.save_inception_npz(tmp_path / "inc.npz", inception.random_inception_variables(jax.random.key(0)))
+  proc = _run(["-m", "asymflow_jax.evaluate", f"--images={tmp_path / 'images.npz'}", "--metric=fid",
+               f"--inception={tmp_path / 'inc.npz'}", f"--reference={tmp_path / 'ref.npz'}"])
+  assert proc.returncode == 1 and "contain NaN or Inf values" in proc.stderr, proc.stderr[-2000:]
+  assert '"fid"' not in proc.stdout
+
+
+def test_evaluation_inputs_are_checked_before_any_image_is_generated(tmp_path, straight, monkeypatch, capsys):
+  from asymflow_jax import evaluate, sampling
+  monkeypatch.setattr(sampling, "generate_from_config", lambda *a, **k: pytest.fail("generated before checking"))
+  assert evaluate.main(["--workdir", str(straight), "--metric=fid", "--inception", str(tmp_path / "none.npz"),
+                        "--reference", str(tmp_path / "ref.npz")]) == 1
+  assert "Inception weights" in capsys.readouterr().err
+  assert evaluate.main(["--workdir", str(straight), "--metric=fid", "--num=5"]) == 1
+  assert "--metric=fid needs --inception" in capsys.readouterr().err
+  # in training: a missing eval file fails validation, before the first step
+  c = tiny_train_config()
+  c.eval.every, c.eval.metric = 2, "fid"
+  c.eval.inception, c.eval.reference = str(tmp_path / "none.npz"), str(tmp_path / "ref.npz")
+  with pytest.raises(ValueError, match=r"config.eval.inception='.*none.npz' does not exist"):
+    config_lib.validate_config(c, 1)
+
+
+@pytest.mark.parametrize("module", ["asymflow_jax.train", "asymflow_jax.sample", "asymflow_jax.evaluate",
+                                    "asymflow_jax.convert", "asymflow_jax.demo", "asymflow_jax.subspace",
+                                    "asymflow_jax.data.prep"])
+def test_every_cli_help_exits_0(module):
+  proc = _run(["-m", module, "--help"], timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "usage" in proc.stdout.lower() or "--workdir" in proc.stdout, proc.stdout[:500]
