@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(JOBS) tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(JOBS) --durations=20 tests
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m asymflow_jax.demo --workdir $(WORKDIR)

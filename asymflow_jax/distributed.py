@@ -224,13 +224,16 @@ def check_config_agreement(config, extra: dict | None = None) -> str:
   return digest
 
 
-def allgather_strings(local: str) -> list[str]:
-  """Every process's string, in process order (a collective; every process must call it)."""
+def allgather_strings(local: str, bucket: int = 4096) -> list[str]:
+  """Every process's string, in process order (a collective; every process must call it).
+
+  The UTF-8 bytes are padded to a multiple of ``bucket`` so repeated calls reuse one compiled gather.
+  """
   if jax.process_count() == 1:
     return [local]
-  data = np.frombuffer(local.encode(), np.uint8).astype(np.int32)
+  data = np.frombuffer(local.encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
-  padded = np.zeros((int(sizes.max()),), np.int32)
+  padded = np.zeros((-(-int(sizes.max()) // bucket) * bucket,), np.uint8)
   padded[:data.size] = data
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
-  return [bytes(row[:n].astype(np.uint8)).decode() for row, n in zip(rows, sizes)]
+  return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]

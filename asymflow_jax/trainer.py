@@ -23,7 +23,6 @@ from typing import Callable
 import numpy as np
 
 import jax
-from jax.experimental import multihost_utils
 from etils import epath
 
 from asymflow_jax import checkpoint
@@ -59,18 +58,13 @@ def _data_state(iterator, pipe) -> dict:
 def _restore_iterator(iterator, data: dict):
   states = data.get("iterators") or []
   if not states:
-    log("WARNING: the checkpoint holds no data-iterator state; the data order restarts.")
+    if data:   # converted weights have no data state at all: nothing to warn about
+      log("WARNING: the checkpoint holds no data-iterator state; the data order restarts.")
   elif data.get("process_count") != jax.process_count():
     log(f"WARNING: the checkpoint's data state is from {data.get('process_count')} processes, this run has "
         f"{jax.process_count()}: the data order restarts (the model state is restored exactly).")
   else:
     iterator.set_state(states[jax.process_index()])
-
-
-def _skipped_records(pipe) -> int:
-  if jax.process_count() == 1:
-    return pipe.bad_records.count
-  return int(np.sum(multihost_utils.process_allgather(np.asarray(pipe.bad_records.count, np.int64))))
 
 
 def _sample_images(state, exp, num: int, seed: int) -> np.ndarray:
@@ -152,7 +146,7 @@ def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requ
   start = int(state.step)
   writer = MetricWriter(workdir, resume_step=start)
   bar = progress_bar(start, config.num_steps, progress)
-  t0, n_images = time.time(), 0
+  t0, n_images, reported_skips = time.time(), 0, 0
   try:
     for step in range(start, config.num_steps):
       batch = shd.global_batch(next(iterator), exp.mesh)
@@ -166,7 +160,12 @@ def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requ
               f"non-finite {experiment.describe_nonfinite(state.nonfinite_kind)} at step {int(state.nonfinite_step)} "
               f"(loss {metrics['loss']}, gradient norm {metrics['grad_norm']}); that update was skipped and no "
               f"checkpoint was written after it (latest: step {mngr.latest_step()}).")
-        scalars = _scalars(metrics, n_images, time.time() - t0, _skipped_records(pipe))
+        skipped = pipe.bad_records.count   # process 0's; the checkpoint's data item holds the total
+        if skipped > reported_skips:
+          log(f"step {done}: {skipped} bad records skipped so far on process 0 (data.on_bad_record=skip); "
+              f"last: {pipe.bad_records.last_error}")
+          reported_skips = skipped
+        scalars = _scalars(metrics, n_images, time.time() - t0, skipped)
         writer.write(done, scalars)
         if bar is not None:
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_s']:.1f}")

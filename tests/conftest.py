@@ -11,6 +11,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"asymflow-test-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Cheaper XLA:CPU code generation (LLVM passes only: IEEE semantics are kept, results are the same
+# bits as the optimised build's); the tiny test programs are dominated by compile time.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
 
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +27,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+def subprocess_env(devices: int | None = None) -> dict:
+  """Environment for a test subprocess: CPU, the repository on the path, the test XLA flags and,
+  if given, ``devices`` fake host devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env["XLA_FLAGS"] = FAST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  return env
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from asymflow_jax import image_io, sampling, sharding  # noqa: E402
+from asymflow_jax import sampling, sharding  # noqa: E402
 from asymflow_jax.models import asymjit, jit_model as jit_lib  # noqa: E402
 
 
@@ -32,10 +32,9 @@ def perturbed_tiny_model():
 def main():
   model, params, basis = perturbed_tiny_model()
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  indices = jax.device_put(jnp.arange(16), sharding.batch_sharding(mesh, 1))
-  images = sampling.generate(model, params, basis, 1.0, jax.random.key(7), indices, 2.0, (0.0, 0.88),
-                             num_steps=4, method="heun")
-  np.savez(sys.argv[1], images=image_io.to_uint8(images), devices=jax.device_count())
+  images = sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 16, seed=7, guidance=2.0,
+                                     interval=(0.0, 0.88), num_steps=4, method="heun")
+  np.savez(sys.argv[1], images=images, devices=jax.device_count())
 
 
 if __name__ == "__main__":

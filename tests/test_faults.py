@@ -19,6 +19,7 @@ from asymflow_jax import checkpoint
 from asymflow_jax import config as config_lib
 from asymflow_jax import experiment
 from asymflow_jax import sharding as shd
+from tests.conftest import subprocess_env
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,9 +28,7 @@ FAST = ["--config.checkpoint.async_save=True", "--config.sample.num_steps=1", "-
 
 
 def _run(args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  return subprocess.run([sys.executable, *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def _train(workdir, *extra, fault="none", at=0):

@@ -22,7 +22,11 @@ import time
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from asymflow_jax import distributed
+from asymflow_jax import image_io
+from tests.conftest import FAST_XLA_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = "tests/multiprocess_worker.py"
@@ -52,9 +56,9 @@ def _env(devices=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   if "cache" in _SHARED:
     env.update(JAX_COMPILATION_CACHE_DIR=_SHARED["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = FAST_XLA_FLAGS   # the launcher appends each process's device count
   if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
   return env
 
 
@@ -174,6 +178,18 @@ def test_two_process_checkpoint_restores_in_one_process(uninterrupted, tmp_path)
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # the 2-process run's end-of-training grid (EMA, seed config.seed + 1 = 1, the config's sampler) is
+  # reproduced pixel for pixel by sampling the same checkpoint in 1 process: images do not depend on
+  # the number of hosts
+  grid = np.asarray(Image.open(workdir / "samples" / "step_0000004.png"))
+  proc = subprocess.run([sys.executable, "-m", "asymflow_jax.sample", f"--workdir={workdir}", "--num=100",
+                         "--seed=1", f"--out={tmp_path / 'one'}"], env=_env(1), cwd=REPO, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  one = np.load(tmp_path / "one.npz")["images"]
+  upscale = 4   # 128 // 32, as the trainer writes it
+  np.testing.assert_array_equal(grid[::upscale, ::upscale], image_io.image_grid(one, cols=10)[..., 0])
+  assert one.std() > 5
   # and training continues there to step 6
   stdout = _one_process(workdir, 6, tmp_path / "six.npz", 1)
   assert _infos(stdout)[0]["step"] == 6 and _infos(stdout)[0]["process_count"] == 1
@@ -284,7 +300,7 @@ def test_local_multiprocess_dry_run():
   assert len(lines) == 3
   for i, line in enumerate(lines):
     args = shlex.split(line)
-    assert args[:2] == ["XLA_FLAGS=--xla_force_host_platform_device_count=2", "JAX_PLATFORMS=cpu"]
+    assert args[:2] == [f"XLA_FLAGS={FAST_XLA_FLAGS} --xla_force_host_platform_device_count=2", "JAX_PLATFORMS=cpu"]
     assert args[3:] == ["-m", "asymflow_jax.train", "--config=configs/default.py:runlocal", "--workdir=w",
                         "--coordinator_address=127.0.0.1:12345", "--num_processes=3", f"--process_id={i}"]
 

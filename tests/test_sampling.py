@@ -1,7 +1,5 @@
 """Samplers against the exact Gaussian flow, CFG interval semantics, compile-once, determinism."""
 
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ import jax.numpy as jnp
 
 from asymflow_jax import sampling
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, subprocess_env
 M, S = 0.7, 0.4  # data x0 ~ N(M, S^2) per dimension
 
 
@@ -111,18 +109,17 @@ def test_heun_cfg_compiles_once_for_different_guidance():
 
 
 def test_images_do_not_depend_on_device_count(tmp_path):
-  script = REPO / "tests" / "sampling_worker.py"
-  outs = []
+  """(Host-count invariance: tests/test_multiprocess.py samples a 2-process checkpoint in 1 process.)"""
+  outs = {}
   for devices in (1, 8):
     out = tmp_path / f"d{devices}.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
+    proc = subprocess.run([sys.executable, "tests/sampling_worker.py", str(out)], env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outs.append(np.load(out))
-  assert int(outs[0]["devices"]) == 1 and int(outs[1]["devices"]) == 8
-  np.testing.assert_array_equal(outs[0]["images"], outs[1]["images"])
-  assert outs[0]["images"].std() > 5  # real images, not a constant
+    outs[devices] = np.load(out)
+  assert int(outs[1]["devices"]) == 1 and int(outs[8]["devices"]) == 8
+  np.testing.assert_array_equal(outs[1]["images"], outs[8]["images"])
+  assert outs[1]["images"].std() > 5  # real images, not a constant
 
 
 def test_asymjit_heun_cfg_compiles_once_across_guidance_values():

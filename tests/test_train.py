@@ -18,13 +18,14 @@ from asymflow_jax import experiment
 from asymflow_jax import objective
 from asymflow_jax import trainer
 from asymflow_jax.models import asymjit
+from tests.conftest import subprocess_env
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_worker(workdir, steps, out, devices, mesh="1,-1,1"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = subprocess_env(devices)
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "train_worker.py"), str(workdir), str(steps), str(out),
                          mesh], env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,7 +159,7 @@ def test_nonfinite_loss_is_reported_and_not_saved(tmp_path):
 
 def test_imagenet_h16_train_step_lowers_on_8_fake_devices(tmp_path):
   out = tmp_path / "lower.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = subprocess_env(8)
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "lower_worker.py"), str(out)], env=env,
                         capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]

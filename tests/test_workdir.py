@@ -146,3 +146,21 @@ def test_config_metrics_tensorboard_and_images_go_through_epath(memory_gcs):
     np.testing.assert_array_equal(np.load(f)["images"], images)
   assert not os.path.exists("gs:") and not os.path.exists("bucket")   # nothing went to the local disk
   assert str(checkpoint.checkpoint_dir(wd)) == "gs://bucket/run/checkpoints"
+
+
+def test_retention_keeps_the_newest_and_every_keep_every_th(tmp_path):
+  from asymflow_jax import subspace as subspace_lib
+  import jax.numpy as jnp
+  from tests.train_config import tiny_train_config
+  config = tiny_train_config()
+  config.checkpoint.keep, config.checkpoint.keep_every, config.checkpoint.async_save = 2, 4, False
+  exp = experiment.build(config, shd.make_mesh(config.mesh), training=True)
+  state = exp.init_state(subspace_lib.random_subspace(16, 4, seed=0, patch_size=4))
+  mngr = checkpoint.manager(str(tmp_path), config)
+  try:
+    for step in range(1, 11):
+      checkpoint.save_train(mngr, state.replace(step=jnp.asarray(step, jnp.int32)), {}, force=True)
+  finally:
+    mngr.close()
+  # the 2 newest plus every 4th
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["4", "8", "9", "10"]
