@@ -300,32 +300,33 @@ def test_weights_npz_loader_reports_bad_keys(inception_vars, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digit_classifier():
-  return clf.train_classifier(seed=0, steps=250)
+def classifier_variables(digit_classifier):
+  """The default classifier (600 steps), trained once per test run by the conftest fixture."""
+  return clf.load_classifier(digit_classifier)[0]
 
 
-def test_classifier_accuracy_and_digit_fd(digit_classifier):
+def test_classifier_accuracy_and_digit_fd(classifier_variables):
   images, labels = clf.embedded_digits()
   assert images.shape == (5000, 32, 32, 1) and images.min() == -1.0 and images.max() == 1.0
   train_idx, held = clf.held_out_split()
   assert len(held) == 500 and not set(train_idx) & set(held)
-  acc = clf.accuracy(digit_classifier, images[held], labels[held])
+  acc = clf.accuracy(classifier_variables, images[held], labels[held])
   assert acc > 0.95
-  feats, logits = clf.classifier_features(digit_classifier, images[held[:7]])
+  feats, logits = clf.classifier_features(classifier_variables, images[held[:7]])
   assert feats.shape == (7, clf.FEATURE_DIM) and logits.shape == (7, 10)
 
-  real = clf.digit_fd(images[held], variables=digit_classifier)
+  real = clf.digit_fd(images[held], variables=classifier_variables)
   noise = np.random.default_rng(10).uniform(-1, 1, (500, 32, 32, 1)).astype(np.float32)
-  fake = clf.digit_fd(noise, variables=digit_classifier)
+  fake = clf.digit_fd(noise, variables=classifier_variables)
   assert real["num_images"] == 500
   assert real["fdd"] >= 0 and fake["fdd"] > 20 * real["fdd"]
   assert real["digit_is"] > 8.0 and real["confidence"] > 0.9
   assert 1.0 <= fake["digit_is"] < real["digit_is"]
   # Reference given as statistics or images gives the same number as the default.
-  ref_stats = clf.mnist_reference_statistics(digit_classifier)
-  again = clf.digit_fd(images[held], reference=ref_stats, variables=digit_classifier)
+  ref_stats = clf.mnist_reference_statistics(classifier_variables)
+  again = clf.digit_fd(images[held], reference=ref_stats, variables=classifier_variables)
   assert again["fdd"] == pytest.approx(real["fdd"], rel=1e-9)
-  self_fd = clf.digit_fd(images[held], reference=images[held], variables=digit_classifier)
+  self_fd = clf.digit_fd(images[held], reference=images[held], variables=classifier_variables)
   assert abs(self_fd["fdd"]) < 1e-6 * real["fdd"] + 1e-9
   # Raw 28x28 uint8 digits are padded to the same inputs.
   raw = clf.prepare_digits(np.zeros((2, 28, 28), np.uint8))
