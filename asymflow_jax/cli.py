@@ -70,7 +70,12 @@ def load_config(spec: str, overrides=()):
   mod_spec = importlib.util.spec_from_file_location("asymflow_config_file", path)
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  return apply_overrides(module.get_config(arg or None), overrides)
+
+
+def apply_overrides(config, overrides=()):
+  """``a.b=value`` overrides (Python literals, else strings) on a config, in place; an override of a
+  field that does not exist is an error naming it. Returns the config."""
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep:

@@ -8,7 +8,6 @@ counted (warm-up calls run first).
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import platform
@@ -98,19 +97,8 @@ def load_config(spec: str, overrides=()):
 
 
 def apply_overrides(config, overrides=()):
-  """``key.sub=value`` overrides on an existing config (values parsed as Python literals, else strings)."""
-  for item in overrides:
-    key, _, raw = item.partition("=")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return _synthetic_data(config)
+  """``key.sub=value`` overrides on an existing config (``asymflow_jax.cli.apply_overrides``)."""
+  return _synthetic_data(cli.apply_overrides(config, overrides))
 
 
 def _synthetic_data(config):
