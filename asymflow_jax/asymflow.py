@@ -281,3 +281,50 @@ def recover_velocity(u_a, x_t, basis, sigma, *, scale=1.0, sigma_min: float):
   full = x_t + s * u_a                      # (I - Pi) of this is the complement term
   p_u, p_x = project(u_a, basis), project(x_t, basis)
   return sk * p_u + one_minus_sk * inv_sc * p_x + (full - (p_x + s * p_u)) * inv_sc
+
+
+# ------------------------------------------------------------------------ AsymFlowVR (spec section 8)
+
+
+def loss_shift_rho(sigma, shift: float):
+  """Loss-shift schedule rho(sigma) = (1 - sigma)^2 / ((1 - sigma)^2 + (shift sigma)^2), shape of sigma.
+
+  rho(0) = 1, rho(1) = 0. ``shift <= 0`` means no schedule (the reference's ``loss_shift=None``):
+  rho = 0 everywhere.
+  """
+  if shift <= 0:
+    return jnp.zeros_like(sigma)
+  a2 = jnp.square(1 - sigma)
+  return a2 / (a2 + jnp.square(shift * sigma))
+
+
+def _patch_means(x, p: int):
+  """Per (sample, patch, channel) mean over the p x p pixels: NHWC (B, H, W, C) -> (B, H/p, W/p, C)."""
+  b, h, w, c = x.shape
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}.")
+  return jnp.mean(x.reshape(b, h // p, p, w // p, p, c), axis=(2, 4))
+
+
+def broadcast_patches(v, p: int):
+  """(B, h, w, C) per-patch values -> (B, h p, w p, C), each value repeated over its p x p pixels."""
+  return jnp.repeat(jnp.repeat(v, p, axis=1), p, axis=2)
+
+
+def vr_coefficient(d_full, d_lr, patch_size: int, *, eps: float = 1e-4):
+  """AsymFlowVR coefficient per (sample, pixel patch, channel), NHWC (B, H/p, W/p, C):
+
+    c = clip(mean(d_full d_lr) / max(mean(d_lr^2), eps), 0, 1),  means over the p x p pixels,
+
+  with d_lr = x0^lr - x0_hat^lr (frozen teacher's error on the low-rank data) and
+  d_full = x0 - x0_hat (the student's error; the caller stops its gradient). Both NHWC images.
+  """
+  _check_same(("d_full", "d_lr"), d_full, d_lr)
+  num = _patch_means(d_full * d_lr, patch_size)
+  den = jnp.maximum(_patch_means(jnp.square(d_lr), patch_size), eps)
+  return jnp.clip(num / den, 0.0, 1.0)
+
+
+def vr_gate(coef, patch_size: int):
+  """The LPIPS gate sqrt(mean over channels of c^2), broadcast over each patch: (B, H, W)."""
+  return broadcast_patches(jnp.sqrt(jnp.mean(jnp.square(coef), axis=-1, keepdims=True)), patch_size)[..., 0]

@@ -62,7 +62,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {str(workdir)!r} is not a workdir (train or convert writes one).")
-  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  return config_lib.with_defaults(_tuples(json.loads(path.read_text())))
 
 
 def _tuples(node):
@@ -258,7 +258,7 @@ def _restored_basis(item: dict, abstract, shardings):
   return jax.device_put(jnp.zeros(abstract.basis.shape, abstract.basis.dtype), shardings.basis)
 
 
-def _restore_train_step(mngr, exp: experiment.Experiment, step: int):
+def _restore_train_step(mngr, exp: experiment.Experiment, step: int, frozen=None):
   target = exp.target()
   present = _step_items(mngr, step)
   wanted = dict(params=target.params, subspace=_subspace_target(exp.abstract, exp.shardings))
@@ -275,9 +275,11 @@ def _restore_train_step(mngr, exp: experiment.Experiment, step: int):
     state = experiment.TrainState(step=meta["step"], params=r["params"], opt_state=r["opt_state"],
                                   ema=tuple(r[f"ema_{i}"] for i in range(len(target.ema))), rng=meta["rng"],
                                   basis=basis, scale=r["subspace"]["scale"], nonfinite_step=meta["nonfinite_step"],
-                                  nonfinite_kind=meta["nonfinite_kind"])
+                                  nonfinite_kind=meta["nonfinite_kind"], frozen=frozen)
     data = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] if "data" in present else {}
     return state, data or {}
+  if frozen is not None:
+    raise CheckpointError(f"step {step} holds weights only; a finetuning workdir's steps hold the full train state.")
   # Converted weights: a fresh optimizer and EMA around the given parameters, the stored subspace.
   sub = subspace_lib.Subspace(basis=np.asarray(jax.device_get(basis)), patch_size=exp.config.model.patch_size,
                               scale=float(jax.device_get(r["subspace"]["scale"])))
@@ -285,8 +287,10 @@ def _restore_train_step(mngr, exp: experiment.Experiment, step: int):
   return exp.init_state(sub, params=r["params"]), {}
 
 
-def restore_train(workdir, mngr, exp: experiment.Experiment):
+def restore_train(workdir, mngr, exp: experiment.Experiment, frozen=None):
   """(state, data_state) from the newest step that reads and verifies, or None if there is no step.
+
+  A finetuning run passes its ``frozen`` networks (the checkpoint holds only the trained tree).
 
   Newer steps that fail are reported and moved to ``WORKDIR/corrupt_checkpoints/`` so that training
   can write those step numbers again; if no step verifies, raises CheckpointError naming each
@@ -298,7 +302,7 @@ def restore_train(workdir, mngr, exp: experiment.Experiment):
   errors = []
   for step in steps:
     try:
-      state, data = _restore_train_step(mngr, exp, step)
+      state, data = _restore_train_step(mngr, exp, step, frozen)
     except CheckpointError as e:
       log(f"WARNING: checkpoint {e}")
       errors.append(str(e))
@@ -335,6 +339,9 @@ def open_workdir(workdir, *, step: int | None = None, weights: str = "ema_0", me
 
   Restores only ``weights`` ("params" or "ema_<i>"; a converted workdir has only "params", which
   is then used) and the subspace, on all local devices (``mesh`` default: fsdp over every device).
+  A finetuning workdir holds only its trained tree: it is restored onto the base workdir's weights
+  (``finetune.base``, ``finetune.weights``) and the LoRA adapters are folded in, so the returned
+  parameters are always a plain, complete tree.
   """
   config = read_config(workdir)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # sample on whatever devices are here
@@ -355,12 +362,18 @@ def open_workdir(workdir, *, step: int | None = None, weights: str = "ema_0", me
       else:
         have = sorted(n for n in present if n == "params" or n.startswith("ema_"))
         raise ValueError(f"step {step} has no {weights!r} weights; it has {have}.")
-    target = exp.target()
-    r = _restore_items(mngr, step, {weights: target.params,
-                                    "subspace": _subspace_target(exp.abstract, exp.shardings)})
+    finetuned = experiment.finetuning(config)
+    target = experiment.trained_target(exp) if finetuned else exp.target().params
+    r = _restore_items(mngr, step, {weights: target, "subspace": _subspace_target(exp.abstract, exp.shardings)})
   finally:
     mngr.close()
-  state = experiment.InferenceState(step=jnp.asarray(step, jnp.int32), params=r[weights],
+  params = r[weights]
+  if finetuned:
+    base = open_workdir(config.finetune.base, weights=config.finetune.weights, mesh=mesh)[2]
+    merge = jax.jit(lambda b, t: experiment.inference_params(config, t, dict(params=b)),
+                    out_shardings=exp.shardings.params)
+    params = merge(base.params, params)
+  state = experiment.InferenceState(step=jnp.asarray(step, jnp.int32), params=params,
                                     basis=_restored_basis(r["subspace"], exp.abstract, exp.shardings),
                                     scale=r["subspace"]["scale"])
   return config, exp, state

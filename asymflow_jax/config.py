@@ -15,15 +15,20 @@ from typing import Any
 
 from etils import epath
 import ml_collections
+import numpy as np
 
 from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
 from asymflow_jax.data import pipeline as data_pipeline
+from asymflow_jax.data import sources
 from asymflow_jax.models import jit_model
 
 DTYPES = ("float32", "bfloat16")
 SUBSPACE_KINDS = ("pca", "random", "file")
 EVAL_METRICS = ("fdd", "fid")
+OBJECTIVES = ("flow", "asymflow_vr")
+EMA_POLICIES = ("fixed", "karras")
+COLOR_SPACES = ("rgb", "oklab")
 IS_SPLITS = 10   # Inception Score splits: evaluation needs at least this many images
 
 
@@ -39,6 +44,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   m.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False
   m.remat_policy = "nothing_saveable"
+  m.color_space = "rgb"         # pixel representation: rgb (identity on [-1, 1]) | oklab (normalised, spec s8)
   return m
 
 
@@ -56,7 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.b1, c.b2, c.eps = 0.9, 0.95, 1e-8
   c.weight_decay = 0.0
   c.grad_clip = 0.0             # 0 = off
+  c.grad_clip_start = 0         # clip only from this step on (the lift recipe: 100)
   c.ema_decays = (0.9999,)
+  c.ema_policy = "fixed"        # fixed: ema_decays | karras: momentum (1 - 1/t)^(gamma + 1), t = step + 1 - ema_start
+  c.ema_start = 0               # karras: the EMA copies the weights before this step
+  c.ema_gamma = 7.0
   # flow matching (spec section 4)
   c.prob_class = 0.9            # labels kept with this probability, else the null class
   c.sigma_mean, c.sigma_std = 0.8, 0.8   # sigma = sigmoid(mean + std * n)
@@ -86,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance = 2.3       # ImageNet: 2.3 on [0, 0.88]
   c.sample.interval = (0.0, 0.88)
   c.sample.num_images = 64
+  c.sample.sigma_min = 4e-2     # recovery clamp at inference (ImageNet 4e-2; the latent lift keeps 1e-4)
   # in-training evaluation (samples with the settings above), logged as eval_* scalars
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0              # 0 = off
@@ -93,6 +104,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.metric = "fid"         # fid (needs inception + reference) | fdd (embedded digits)
   c.eval.inception = ""         # FID Inception weights .npz (docs/evaluation.md)
   c.eval.reference = ""         # ADM reference statistics .npz
+  # objective: flow (spec section 4) | asymflow_vr (latent-lift finetuning, spec section 8)
+  c.objective = "flow"
+  c.vr = ml_collections.ConfigDict()
+  c.vr.latent_key = "latent"    # batch key of the cached latents z (data.extra_keys must name it)
+  c.vr.latent_patch_size = 2    # latent tokens are p_l x p_l patches of z
+  c.vr.loss_shift = 0.3         # rho(sigma) = (1-sigma)^2 / ((1-sigma)^2 + (shift sigma)^2); 0 = off (rho = 0)
+  c.vr.mse_weight = 5.0         # effective weight (the reference's 0.5 x mse_loss_weight 10)
+  c.vr.lpips_weight = 1.0       # 0 = no LPIPS term
+  c.vr.lpips_net = "vgg"
+  c.vr.lpips_samples = 0        # LPIPS on the first n samples of the batch only (0 = all, the reference)
+  c.vr.coef_eps = 1e-4          # vr coefficient denominator floor
+  c.vr.teacher_sigma_min = 1e-4  # the frozen teacher's (eval-mode) recovery clamp
+  # finetuning from a base workdir (converted or lifted weights); '' = train every parameter
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.base = ""          # workdir whose weights are the frozen base (and the VR teacher)
+  c.finetune.weights = "params"  # which tree of the base: params | ema_<i>
+  c.finetune.trainable = ()     # regexes of parameter paths trained in full, e.g. ("x_embedder", "final_layer")
+  c.finetune.lr_mults = ()      # ((regex, multiplier), ...): first match wins, e.g. (("final_layer/linear", 10.0),)
+  c.finetune.lora_rank = 0      # 0 = no LoRA
+  c.finetune.lora_alpha = 0.0   # 0 = rank (scale alpha / rank = 1, as the reference)
+  c.finetune.lora_dropout = 0.0
+  c.finetune.lora_targets = ()  # regexes of Dense module paths, e.g. ("mlp/w12", "mlp/w3", "t_embedder")
   c.data = data_pipeline.default_data_config()
   c.model = model_config("tiny")
   return c
@@ -100,6 +133,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _schema() -> ml_collections.ConfigDict:
   return base_config()
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+  """A stored config (plain dict, e.g. an older workdir's config.json) with every field that it
+  lacks filled in from the schema defaults; stored values win."""
+  def merge(defaults, values):
+    out = dict(defaults)
+    for k, v in values.items():
+      out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), stored))
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -162,6 +206,7 @@ def _numeric_errors(c) -> list[str]:
   iv = tuple(s.interval) if isinstance(s.interval, (tuple, list)) else ()
   _check(e, len(iv) == 2 and all(finite(v) for v in iv) and 0 <= iv[0] <= iv[1] <= 1, "sample.interval",
          s.interval, "(lo, hi) with 0 <= lo <= hi <= 1")
+  _check(e, finite(s.sigma_min) and 0 < s.sigma_min < 1, "sample.sigma_min", s.sigma_min, "a number in (0, 1)")
   _check(e, c.eval.metric in EVAL_METRICS, "eval.metric", c.eval.metric, f"one of {EVAL_METRICS}")
   m = c.model
   _check(e, m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {DTYPES}")
@@ -171,6 +216,29 @@ def _numeric_errors(c) -> list[str]:
   for field in ("attn_dropout", "proj_dropout"):
     _check(e, finite(m[field]) and 0 <= m[field] < 1, f"model.{field}", m[field], "a number in [0, 1)")
   _check(e, c.subspace.kind in SUBSPACE_KINDS, "subspace.kind", c.subspace.kind, f"one of {SUBSPACE_KINDS}")
+  _check(e, m.color_space in COLOR_SPACES, "model.color_space", m.color_space, f"one of {COLOR_SPACES}")
+  _check(e, nonneg_int(c.grad_clip_start), "grad_clip_start", c.grad_clip_start, "an integer >= 0")
+  _check(e, c.ema_policy in EMA_POLICIES, "ema_policy", c.ema_policy, f"one of {EMA_POLICIES}")
+  _check(e, nonneg_int(c.ema_start), "ema_start", c.ema_start, "an integer >= 0")
+  _check(e, finite(c.ema_gamma) and c.ema_gamma >= 0, "ema_gamma", c.ema_gamma, "a finite number >= 0")
+  _check(e, c.objective in OBJECTIVES, "objective", c.objective, f"one of {OBJECTIVES}")
+  v = c.vr
+  _check(e, pos_int(v.latent_patch_size), "vr.latent_patch_size", v.latent_patch_size, "an integer >= 1")
+  _check(e, nonneg_int(v.lpips_samples), "vr.lpips_samples", v.lpips_samples, "an integer >= 0 (0 = all)")
+  _check(e, v.lpips_net == "vgg", "vr.lpips_net", v.lpips_net, "'vgg' (the reference's LPIPS network)")
+  for field in ("loss_shift", "mse_weight", "lpips_weight"):
+    _check(e, finite(v[field]) and v[field] >= 0, f"vr.{field}", v[field], "a finite number >= 0")
+  for field in ("coef_eps", "teacher_sigma_min"):
+    _check(e, finite(v[field]) and v[field] > 0, f"vr.{field}", v[field], "a finite number > 0")
+  f = c.finetune
+  _check(e, nonneg_int(f.lora_rank), "finetune.lora_rank", f.lora_rank, "an integer >= 0 (0 = no LoRA)")
+  _check(e, finite(f.lora_alpha) and f.lora_alpha >= 0, "finetune.lora_alpha", f.lora_alpha, "a finite number >= 0")
+  _check(e, finite(f.lora_dropout) and 0 <= f.lora_dropout < 1, "finetune.lora_dropout", f.lora_dropout,
+         "a number in [0, 1)")
+  pairs = tuple(f.lr_mults) if isinstance(f.lr_mults, (tuple, list)) else None
+  _check(e, pairs is not None and all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                                      and finite(p[1]) and p[1] > 0 for p in pairs),
+         "finetune.lr_mults", f.lr_mults, "a tuple of (regex, multiplier > 0) pairs")
   return e
 
 
@@ -221,6 +289,8 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
                     f"(mesh {dict(zip(shd.MESH_AXES, sizes))}).")
   if training and config.batch_size % process_count:
     errors.append(f"config.batch_size={config.batch_size} is not divisible by the {process_count} processes.")
+  errors += _data_errors(config.data, check_files)
+  errors += _finetune_errors(config)
   if config.subspace.kind == "file" and not config.subspace.path:
     errors.append("config.subspace.kind='file' needs config.subspace.path (a subspace .npz).")
   e = config.eval
@@ -231,7 +301,8 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     if e.metric == "fid" and e.num_images < IS_SPLITS:
       errors.append(f"config.eval.num_images={e.num_images}: the Inception Score needs at least {IS_SPLITS}.")
   if check_files:
-    named = [("subspace.path", config.subspace.path if config.subspace.kind == "file" else "")]
+    named = [("subspace.path", config.subspace.path if config.subspace.kind == "file" else ""),
+             ("finetune.base", str(epath.Path(config.finetune.base) / "config.json") if config.finetune.base else "")]
     if e.every and e.metric == "fid":
       named += [("eval.inception", e.inception), ("eval.reference", e.reference)]
     for field, path in named:
@@ -241,10 +312,67 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def _data_errors(d, check_files: bool) -> list[str]:
+  """The data source, its extra arrays, and (``check_files``) an npz file against the config."""
+  errors = []
+  if d.source not in data_pipeline.SOURCES:
+    return [f"config.data.source={d.source!r}: expected one of {data_pipeline.SOURCES}"]
+  try:
+    extra = data_pipeline.extra_keys_of(d)
+  except ValueError as e:
+    return [str(e)]
+  if extra and d.random_flip:
+    errors.append(f"config.data.random_flip=True with extra_keys {extra}: a flipped image would not match its "
+                  "extra arrays (e.g. its latents); set config.data.random_flip=False.")
+  if d.source in ("npz", "array_record") and not d.path:
+    errors.append(f"config.data.source={d.source!r} needs config.data.path.")
+  elif d.source == "npz" and check_files:
+    if not epath.Path(d.path).exists():
+      errors.append(f"config.data.path={d.path!r} does not exist.")
+    else:
+      info = sources.npz_array_info(d.path)
+      missing = [k for k in ("image", "label", *extra) if k not in info]
+      if missing:
+        errors.append(f"config.data.path={d.path!r} has no array(s) {missing}; it has {sorted(info)}.")
+      elif info["image"][1] != np.uint8 and tuple(info["image"][0][1:]) != (d.image_size, d.image_size,
+                                                                               d.num_channels):
+        errors.append(f"config.data.path={d.path!r}: float images of shape {tuple(info['image'][0][1:])} do not "
+                      f"match data.image_size={d.image_size}, num_channels={d.num_channels}.")
+  return errors
+
+
+def _finetune_errors(config) -> list[str]:
+  """Consistency of the objective, the finetuning fields and the data."""
+  f, errors = config.finetune, []
+  if f.lora_rank and not f.lora_targets:
+    errors.append(f"config.finetune.lora_rank={f.lora_rank} but config.finetune.lora_targets is empty; name the "
+                  "Dense layers to adapt (regexes of module paths such as 'mlp/w12').")
+  if (f.trainable or f.lora_rank or f.lr_mults) and not f.base:
+    errors.append("config.finetune.trainable / lora_rank / lr_mults need config.finetune.base (the workdir of the "
+                  "frozen base weights).")
+  if f.base and not (f.trainable or f.lora_rank):
+    errors.append(f"config.finetune.base={f.base!r} is set but nothing is trainable: set config.finetune.trainable "
+                  "and/or config.finetune.lora_rank.")
+  if config.objective == "asymflow_vr":
+    if not f.base:
+      errors.append("config.objective='asymflow_vr' needs config.finetune.base: the lifted model is the frozen teacher.")
+    if config.vr.latent_key not in tuple(config.data.get("extra_keys", ())):
+      errors.append(f"config.objective='asymflow_vr' reads the latents from batch key {config.vr.latent_key!r}; "
+                    f"add it to config.data.extra_keys (now {tuple(config.data.get('extra_keys', ()))}).")
+  if config.ema_policy == "karras" and len(tuple(config.ema_decays)) != 1:
+    errors.append(f"config.ema_policy='karras' keeps one EMA tree; set config.ema_decays to one value "
+                  f"(it is unused), got {tuple(config.ema_decays)}.")
+  if config.model.color_space == "oklab" and config.model.in_channels != 3:
+    errors.append(f"config.model.color_space='oklab' needs 3 channels, got model.in_channels={config.model.in_channels}.")
+  return errors
+
+
 # ---------------------------------------------------------------------------- resume compatibility
 
 # Fields that do not change the shapes or structure of the checkpointed state.
-_NON_STRUCTURAL_MODEL = ("size", "dtype", "remat", "remat_policy", "attn_dropout", "proj_dropout")
+_NON_STRUCTURAL_MODEL = ("size", "dtype", "remat", "remat_policy", "attn_dropout", "proj_dropout", "color_space")
+# Finetuning fields that decide which leaves the checkpoint holds.
+_STRUCTURAL_FINETUNE = ("base", "trainable", "lora_rank", "lora_targets")
 
 
 def structural_diff(stored, new) -> list[str]:
@@ -258,6 +386,13 @@ def structural_diff(stored, new) -> list[str]:
   if len(stored.get("ema_decays", ())) != len(new.get("ema_decays", ())):
     out.append(f"ema_decays: {tuple(stored.get('ema_decays', ()))} -> {tuple(new.get('ema_decays', ()))} "
                "(a different number of EMA trees)")
+  sf, nf = stored.get("finetune", {}), new.get("finetune", {})
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  defaults = dict(base="", trainable=(), lora_rank=0, lora_targets=())
+  for key in _STRUCTURAL_FINETUNE:
+    a, b = norm(sf.get(key, defaults[key])), norm(nf.get(key, defaults[key]))
+    if a != b:
+      out.append(f"finetune.{key}: {a!r} -> {b!r}")
   if (stored.get("grad_clip", 0) > 0) != (new.get("grad_clip", 0) > 0):
     out.append(f"grad_clip: {stored.get('grad_clip')!r} -> {new.get('grad_clip')!r} (optimizer state structure)")
   return out

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
       _, exp, state, settings = cli.open_for_sampling(parser, args)
       images = sampling.generate_from_config(exp.model, state.params, state.basis, state.scale, exp.mesh,
                                              sample_config=settings, num=args.num, seed=args.seed,
-                                             batch=args.batch, progress=True)
+                                             batch=args.batch, progress=True,
+                                           color_space=exp.config.model.color_space)
     if jax.process_index() != 0:
       return 0
     result = scorer(images)

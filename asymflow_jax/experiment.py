@@ -13,7 +13,7 @@ compiled steps use both.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,8 @@ from asymflow_jax import config as config_lib
 from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
 from asymflow_jax.data import pipeline as data_pipeline
-from asymflow_jax.models import asymjit, jit_model
+from asymflow_jax.evaluation import lpips
+from asymflow_jax.models import asymjit, finetune, jit_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,6 +42,12 @@ class TrainState:
   and ``scale`` are the subspace (not trained). ``nonfinite_step`` is -1, or the first step whose
   update was skipped because something was not finite; ``nonfinite_kind`` says what (bits
   NONFINITE_LOSS | NONFINITE_GRAD | NONFINITE_UPDATE).
+
+  Finetuning (``config.finetune.base`` set): ``params``, ``opt_state`` and ``ema`` cover only the
+  trained leaves (the trainable subset plus the LoRA adapters under "lora"), and ``frozen`` holds
+  the networks the step reads but never changes: ``frozen["params"]``, the full base tree (also the
+  AsymFlowVR teacher, so frozen weights exist once on device), and ``frozen["lpips"]`` when the
+  LPIPS term is on. ``frozen`` is not checkpointed; it is reloaded from the base workdir.
   """
 
   step: jax.Array
@@ -52,6 +59,7 @@ class TrainState:
   scale: jax.Array
   nonfinite_step: jax.Array
   nonfinite_kind: jax.Array
+  frozen: Any = None
 
 
 @flax.struct.dataclass
@@ -86,19 +94,105 @@ def model_from_config(config) -> jit_model.JiT:
 def lr_schedule(config) -> optax.Schedule:
   """Constant lr after an mmcv linear warm-up: lr_i = lr (1 - (1 - i/W)(1 - ratio)) for i < W."""
   def schedule(step):
-    frac = jnp.minimum(step / max(config.warmup_steps, 1), 1.0)
+    if config.warmup_steps == 0:
+      return jnp.full(jnp.shape(step), config.lr, jnp.float32)
+    frac = jnp.minimum(step / config.warmup_steps, 1.0)
     return config.lr * (frac + (1 - frac) * config.warmup_ratio)  # the same, without cancellation
   return schedule
 
 
+class ClipFromStepState(NamedTuple):
+  count: jax.Array
+
+
+def clip_by_global_norm_from(max_norm: float, start: int) -> optax.GradientTransformation:
+  """Global-norm clipping that starts at update ``start`` (updates before it pass unchanged)."""
+  def init(params):
+    del params
+    return ClipFromStepState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where((state.count >= start) & (norm > max_norm), max_norm / norm, 1.0)
+    return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), ClipFromStepState(state.count + 1)
+  return optax.GradientTransformation(init, update)
+
+
+def scale_by_path_multiplier(lr_mults) -> optax.GradientTransformation:
+  """Multiplies each update by the multiplier of the first (regex, mult) pair matching its path
+  (an lr multiplier for AdamW's whole step, weight decay included); stateless."""
+  labels = tuple((p, float(m)) for p, m in lr_mults)
+
+  def update(updates, state, params=None):
+    del params
+    mults = finetune.lr_labels(updates, labels)
+    return jax.tree.map(lambda u, m: u * float(m[1:]), updates, mults), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW (spec section 4) with the warm-up schedule, after optional global-norm clipping."""
+  """AdamW (spec section 4) with the warm-up schedule, after optional global-norm clipping
+  (from ``grad_clip_start``), then per-path lr multipliers (``finetune.lr_mults``)."""
   parts = []
   if config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(clip_by_global_norm_from(config.grad_clip, config.grad_clip_start) if config.grad_clip_start
+                 else optax.clip_by_global_norm(config.grad_clip))
   parts.append(optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay))
+  if config.finetune.lr_mults:
+    parts.append(scale_by_path_multiplier(config.finetune.lr_mults))
   return optax.chain(*parts)
+
+
+def ema_momenta(config, step) -> tuple:
+  """The EMA momentum of each tree at the update of ``step`` (0-based): ema <- p + (ema - p) m.
+
+  "fixed": m = decay. "karras" (the lift recipe): m = (1 - 1/t)^(gamma + 1) with
+  t = max(step + 1 - ema_start, 1), so the EMA copies the weights until ``ema_start``.
+  """
+  if config.ema_policy == "karras":
+    t = jnp.maximum(step + 1 - config.ema_start, 1).astype(jnp.float32)
+    return (jnp.power(1.0 - 1.0 / t, config.ema_gamma + 1.0),)
+  return tuple(config.ema_decays)
+
+
+# ------------------------------------------------------------------------------------ finetuning
+
+
+def finetuning(config) -> bool:
+  """True when the run trains a subset of a frozen base (``config.finetune.base`` set)."""
+  return bool(config.finetune.base)
+
+
+def lora_scale(config) -> float:
+  f = config.finetune
+  return (f.lora_alpha or f.lora_rank) / max(f.lora_rank, 1)
+
+
+def init_trained(config, base, key) -> dict:
+  """The trained tree of a finetuning run: the trainable subset of ``base`` plus fresh LoRA adapters."""
+  f = config.finetune
+  trained = finetune.select(base, f.trainable)
+  if f.lora_rank:
+    trained[finetune.LORA] = finetune.init_lora(jax.random.fold_in(key, 2), base, f.lora_targets, f.lora_rank)
+  return trained
+
+
+def inference_params(config, trained, frozen=None):
+  """A plain parameter tree for sampling: ``trained`` itself, or (finetuning) the frozen base with
+  the trained leaves and the LoRA adapters folded in."""
+  if not finetuning(config):
+    return trained
+  return finetune.merge(frozen["params"], trained, lora_scale(config))
+
+
+def frozen_networks(config, base_params) -> dict:
+  """What a finetuning step reads but never trains: the base tree, and LPIPS weights if used."""
+  frozen = dict(params=base_params)
+  if config.objective == "asymflow_vr" and config.vr.lpips_weight > 0:
+    frozen["lpips"] = lpips.load_lpips_params(config.vr.lpips_net)
+  return frozen
 
 
 # ------------------------------------------------------------------------------------- subspace
@@ -158,36 +252,74 @@ class Experiment:
     """The abstract state with its shardings (ShapeDtypeStructs): a restore target or lowering input."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings)
 
-  def init_state(self, sub: subspace_lib.Subspace, params=None) -> TrainState:
+  def init_state(self, sub: subspace_lib.Subspace, params=None, frozen=None) -> TrainState:
     """A fresh TrainState directly in its shardings (no host copy of the full model).
 
-    ``params`` (optional, e.g. a converted checkpoint to finetune) replaces the initialisation;
-    the EMA trees start from the parameters.
+    ``params`` (optional, e.g. a converted checkpoint to train further) replaces the
+    initialisation; the EMA trees start from the parameters. A finetuning run instead passes
+    ``frozen`` (see :func:`frozen_networks`): the trained tree starts from its base.
     """
     if not self.training:
       raise ValueError("init_state needs a training experiment (build(..., training=True)).")
     config, model, optimizer = self.config, self.model, self.optimizer
+    if finetuning(config) != (frozen is not None):
+      raise ValueError("a finetuning config (finetune.base set) needs frozen=frozen_networks(...), and only it.")
     projected = sub.rank > 0 and config.model.projected_init
 
-    def init(key, basis, given):
-      p = given if given is not None else asymjit.init_params(model, key, basis if projected else None)
+    def init(key, basis, given, base):
+      if base is not None:
+        p = init_trained(config, base, key)
+      else:
+        p = given if given is not None else asymjit.init_params(model, key, basis if projected else None)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
                         ema=tuple(p for _ in config.ema_decays), rng=jax.random.fold_in(key, 1),
                         basis=basis, scale=jnp.asarray(sub.scale, jnp.float32),
                         nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32))
-    return jax.jit(init, out_shardings=self.shardings)(jax.random.key(config.seed), jnp.asarray(sub.basis), params)
+    out_sh = self.shardings.replace(frozen=None)
+    state = jax.jit(init, out_shardings=out_sh)(jax.random.key(config.seed), jnp.asarray(sub.basis), params,
+                                                None if frozen is None else frozen["params"])
+    if frozen is None:
+      return state
+    # The frozen networks are not copied: already in place, device_put is a no-op.
+    return state.replace(frozen=jax.device_put(frozen, self.shardings.frozen))
 
 
 def _abstract_train_state(model, optimizer, config) -> TrainState:
   d = model.config.patch_dim
+  frozen_extra = ({k: v for k, v in frozen_networks(config, None).items() if k != "params"}
+                  if finetuning(config) else None)
 
   def init():
     params = asymjit.init_params(model, jax.random.key(0))
+    frozen = None
+    if finetuning(config):
+      frozen = dict(params=params, **frozen_extra)
+      params = init_trained(config, params, jax.random.key(0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema=tuple(params for _ in config.ema_decays), rng=jax.random.key(0),
                       basis=jnp.zeros((d, config.model.rank)), scale=jnp.zeros(()),
-                      nonfinite_step=jnp.zeros((), jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32))
+                      nonfinite_step=jnp.zeros((), jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32),
+                      frozen=frozen)
   return jax.eval_shape(init)
+
+
+def _trained_shardings(config, trained, full_param_sh, repl):
+  """The trainable subset is sharded like the full tree; the small LoRA adapters are replicated."""
+  sh = finetune.select(full_param_sh, config.finetune.trainable)
+  if finetune.LORA in trained:
+    sh[finetune.LORA] = jax.tree.map(lambda _: repl, trained[finetune.LORA])
+  return sh
+
+
+def trained_target(exp: "Experiment"):
+  """Abstract trained tree (ShapeDtypeStructs with shardings) of a finetuning config: the restore
+  target of its ``params`` / ``ema_<i>`` items (training or inference experiment)."""
+  config = exp.config
+  abstract = jax.eval_shape(lambda: init_trained(config, asymjit.init_params(exp.model, jax.random.key(0)),
+                                                 jax.random.key(0)))
+  full_sh = exp.shardings.frozen["params"] if exp.training else exp.shardings.params
+  sh = _trained_shardings(config, abstract, full_sh, shd.replicated(exp.mesh))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
 
 
 def _abstract_inference_state(model, config) -> InferenceState:
@@ -205,16 +337,27 @@ def build(config, mesh, *, training: bool) -> Experiment:
   """
   config_lib.validate_config(config, mesh.size, jax.process_count(), training=training, check_files=False)
   model = model_from_config(config)
+  if finetuning(config):
+    finetune.check_patterns(flax.linen.meta.unbox(jit_model.abstract_params(model)), config.finetune.trainable,
+                            config.finetune.lora_targets)
   repl = shd.replicated(mesh)
   if training:
     optimizer = make_optimizer(config)
     abstract = _abstract_train_state(model, optimizer, config)
-    param_sh = shd.logical_to_sharding(jit_model.param_specs(model), abstract.params, mesh)
+    full_abstract = abstract.frozen["params"] if finetuning(config) else abstract.params
+    full_sh = shd.logical_to_sharding(jit_model.param_specs(model), full_abstract, mesh)
+    frozen_sh = None
+    if finetuning(config):
+      param_sh = _trained_shardings(config, abstract.params, full_sh, repl)
+      frozen_sh = {k: (full_sh if k == "params" else jax.tree.map(lambda _: repl, v))
+                   for k, v in abstract.frozen.items()}
+    else:
+      param_sh = full_sh
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
                                    transform_non_params=lambda _: repl)
     shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh,
                            ema=tuple(param_sh for _ in config.ema_decays), rng=repl, basis=repl, scale=repl,
-                           nonfinite_step=repl, nonfinite_kind=repl)
+                           nonfinite_step=repl, nonfinite_kind=repl, frozen=frozen_sh)
   else:
     optimizer = None
     abstract = _abstract_inference_state(model, config)

@@ -1,15 +1,26 @@
-"""The training objective and the sharded train step (spec section 4).
+"""The training objectives and the sharded train step.
 
-Loss: sigma = shift-warp(sigmoid(m + s n)) clipped to [sigma_clip_min, 1]; labels kept with
-probability ``prob_class`` else the null class; u = AsymJiT(x_sigma) with the train recovery clamp
-1e-6; L = mean((w (u - (eps - x0)))^2) with w = sigma / max(sigma, loss_sigma_min).
+``flow`` (spec section 4): sigma = shift-warp(sigmoid(m + s n)) clipped to [sigma_clip_min, 1];
+labels kept with probability ``prob_class`` else the null class; u = AsymJiT(x_sigma) with the
+train recovery clamp 1e-6; L = mean((w (u - (eps - x0)))^2) with w = sigma / max(sigma, loss_sigma_min).
+
+``asymflow_vr`` (spec section 8, latent-lift finetuning): one noise draw for the data x0 and its
+low-rank version x0^lr = s U z (z: cached latents); the frozen lifted teacher (eval mode, clamp
+``vr.teacher_sigma_min``, no guidance) denoises x_sigma^lr; the student's x0_hat regresses onto
+x0 - (1 - rho) c d_lr with the per-patch coefficient c (``asymflow.vr_coefficient``), weighted by
+1 / max(sigma, loss_sigma_min)^2, plus LPIPS on the decoded RGB images weighted per pixel by
+gate * rho / sigma_c^2. sigma is not clipped here (the reference does not).
+
+A finetuning run (``finetune.base``) differentiates only the trained tree (trainable subset + LoRA);
+the student is ``overlay(frozen base, trained)`` with the adapters applied by interception.
 
 PRNG convention of one step: ``key, next_rng = split(state.rng)``, ``key = fold_in(key, step)``,
-``k_label, k_sigma, k_noise, k_dropout = split(key, 4)``.
+``k_label, k_sigma, k_noise, k_dropout = split(key, 4)``; LoRA dropout uses ``fold_in(k_dropout, 1)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -17,9 +28,12 @@ import jax.numpy as jnp
 import optax
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import colorspace
 from asymflow_jax import experiment
+from asymflow_jax import lift
 from asymflow_jax import sharding as shd
-from asymflow_jax.models import asymjit
+from asymflow_jax.evaluation import lpips
+from asymflow_jax.models import asymjit, finetune
 
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -32,21 +46,95 @@ def sample_sigma(key, batch: int, config) -> jax.Array:
   return jnp.clip(sigma, config.sigma_clip_min, 1.0)
 
 
-def flow_loss(params, batch, key, basis, scale, *, model, config):
+def _student(params, frozen, config, k_drop):
+  """(parameter tree, LoRA context) of the model being trained."""
+  if frozen is None:
+    return params, contextlib.nullcontext()
+  f = config.finetune
+  ctx = finetune.lora_interceptor(params.get(finetune.LORA), scale=experiment.lora_scale(config),
+                                  dropout=f.lora_dropout, rng=jax.random.fold_in(k_drop, 1))
+  return finetune.overlay(frozen["params"], params), ctx
+
+
+def _drop_labels(key, labels, config, num_classes):
+  keep = jax.random.bernoulli(key, config.prob_class, labels.shape)
+  return jnp.where(keep, labels, num_classes)
+
+
+def flow_loss(params, batch, key, basis, scale, *, model, config, frozen=None):
   """Flow-matching loss on the recovered velocity. Returns (mean loss, aux with per-sample loss and sigma)."""
-  x0, labels = batch["image"], batch["label"]
+  x0, labels = colorspace.encode(batch["image"], config.model.color_space), batch["label"]
   b = x0.shape[0]
   k_label, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
-  keep = jax.random.bernoulli(k_label, config.prob_class, (b,))
-  labels = jnp.where(keep, labels, model.config.num_classes)
+  labels = _drop_labels(k_label, labels, config, model.config.num_classes)
   sigma = sample_sigma(k_sigma, b, config)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = af.add_noise(x0, noise, sigma)
-  u = asymjit.asymjit_apply(model, params, x_t, sigma, labels, basis, scale=scale,
-                            sigma_min=af.TRAIN_SIGMA_MIN, train=True, rngs={"dropout": k_drop})
+  student, ctx = _student(params, frozen, config, k_drop)
+  with ctx:
+    u = asymjit.asymjit_apply(model, student, x_t, sigma, labels, basis, scale=scale,
+                              sigma_min=af.TRAIN_SIGMA_MIN, train=True, rngs={"dropout": k_drop})
   w = (sigma / jnp.maximum(sigma, config.loss_sigma_min))[:, None, None, None]
   per_sample = jnp.mean(jnp.square(w * (u - (noise - x0))), axis=(1, 2, 3))
   return jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma)
+
+
+def vr_loss(params, batch, key, basis, scale, *, model, config, frozen):
+  """AsymFlowVR (+ LPIPS) loss of the student against the frozen lifted teacher (spec section 8).
+
+  ``batch["image"]`` are RGB pixels in [-1, 1]; ``batch[config.vr.latent_key]`` the cached latents
+  z (B, h, w, C_l). ``basis`` (D, d) has rows in DiT pixel packing and columns in DiT latent
+  packing. Returns (mean loss, aux) with per-sample loss, sigma and the logged terms.
+  """
+  v, p = config.vr, model.config.patch_size
+  space = config.model.color_space
+  rgb0 = batch["image"]
+  x0 = colorspace.encode(rgb0, space)
+  b = x0.shape[0]
+  k_label, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
+  labels = _drop_labels(k_label, batch["label"], config, model.config.num_classes)
+  sigma = jax.nn.sigmoid(config.sigma_mean + config.sigma_std * jax.random.normal(k_sigma, (b,)))
+  sigma = config.sigma_shift * sigma / (1 + (config.sigma_shift - 1) * sigma)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  x0_lr = lift.low_rank_image(batch[v.latent_key], basis, scale, latent_patch_size=v.latent_patch_size,
+                              patch_size=p)
+  if x0_lr.shape != x0.shape:
+    raise ValueError(f"latents {batch[v.latent_key].shape} with latent patch {v.latent_patch_size} give a low-rank "
+                     f"image of shape {x0_lr.shape}, but the images have shape {x0.shape}.")
+  s4 = sigma[:, None, None, None]
+  x_t, x_t_lr = (1 - s4) * x0 + s4 * noise, (1 - s4) * x0_lr + s4 * noise
+  u_ref = asymjit.asymjit_apply(model, frozen["params"], x_t_lr, sigma, labels, basis, scale=scale,
+                                sigma_min=v.teacher_sigma_min, train=False)
+  x0_ref = jax.lax.stop_gradient(x_t_lr - s4 * u_ref)
+  student, ctx = _student(params, frozen, config, k_drop)
+  with ctx:
+    u = asymjit.asymjit_apply(model, student, x_t, sigma, labels, basis, scale=scale,
+                              sigma_min=af.TRAIN_SIGMA_MIN, train=True, rngs={"dropout": k_drop})
+  x0_hat = x_t - s4 * u
+  d_lr = x0_lr - x0_ref
+  coef = af.vr_coefficient(x0 - jax.lax.stop_gradient(x0_hat), d_lr, p, eps=v.coef_eps)
+  rho = af.loss_shift_rho(sigma, v.loss_shift)[:, None, None, None]
+  target = x0 - (1 - rho) * af.broadcast_patches(coef, p) * d_lr
+  inv_sc2 = 1.0 / jnp.square(jnp.maximum(s4, config.loss_sigma_min))
+  per_sample = v.mse_weight * jnp.mean(jnp.square(x0_hat - target) * inv_sc2, axis=(1, 2, 3))
+  aux = dict(loss_mse=jnp.mean(per_sample), vr_coef=jnp.mean(coef))
+  if v.lpips_weight > 0:
+    n = b if not v.lpips_samples else min(v.lpips_samples, b)   # an unbiased estimate on the first n samples
+    pred_rgb = _lpips_rgb(colorspace.decode(x0_hat[:n], space))
+    dist = lpips.lpips_spatial(frozen["lpips"], pred_rgb, _lpips_rgb(rgb0[:n]))        # (n, H, W)
+    weight = af.vr_gate(coef[:n], p) * (rho[:n] * inv_sc2[:n])[..., 0]
+    per_lpips = v.lpips_weight * jnp.mean(dist * weight, axis=(1, 2))
+    aux["loss_lpips"] = jnp.mean(per_lpips)
+    per_sample = per_sample.at[:n].add(per_lpips * (b / n))
+  return jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma, **aux)
+
+
+def _lpips_rgb(images):
+  """LPIPS takes 3-channel images: grayscale is repeated over RGB."""
+  return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+LOSSES = dict(flow=flow_loss, asymflow_vr=vr_loss)
 
 
 def _bucket_means(values, sigma):
@@ -62,8 +150,9 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
   optimizer state and EMA keep their values) and records the first such step and what was not finite."""
   key, new_rng = jax.random.split(state.rng)
   key = jax.random.fold_in(key, state.step)
-  grad_fn = jax.value_and_grad(flow_loss, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, batch, key, state.basis, state.scale, model=model, config=config)
+  grad_fn = jax.value_and_grad(LOSSES[config.objective], has_aux=True)
+  (loss, aux), grads = grad_fn(state.params, batch, key, state.basis, state.scale, model=model, config=config,
+                               frozen=state.frozen)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   kind = (jnp.where(jnp.isfinite(loss), 0, experiment.NONFINITE_LOSS)
@@ -72,7 +161,7 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
   finite = kind == 0
   params = optax.apply_updates(state.params, updates)
   ema = tuple(jax.tree.map(lambda e, p, d=d: p + (e - p) * d, e_tree, params)
-              for d, e_tree in zip(config.ema_decays, state.ema))
+              for d, e_tree in zip(experiment.ema_momenta(config, state.step), state.ema))
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   first = (state.nonfinite_step < 0) & ~finite
   new_state = state.replace(
@@ -82,27 +171,38 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
       nonfinite_kind=jnp.where(first, kind, state.nonfinite_kind))
   bucket_loss, bucket_count = _bucket_means(aux["per_sample"], aux["sigma"])
   metrics = dict(loss=loss, grad_norm=grad_norm, lr=experiment.lr_schedule(config)(state.step),
-                 loss_by_sigma=bucket_loss, count_by_sigma=bucket_count)
+                 loss_by_sigma=bucket_loss, count_by_sigma=bucket_count,
+                 terms={k: v for k, v in aux.items() if k not in ("per_sample", "sigma")})
   return new_state, metrics
 
 
-def batch_shardings(mesh) -> dict:
-  return dict(image=shd.batch_sharding(mesh, 4), label=shd.batch_sharding(mesh, 1))
+def batch_shardings(mesh, extra_keys=()) -> dict:
+  """Batch-axis shardings of the batch dict: image (4-D), label (1-D), extra 4-D arrays (latents)."""
+  return dict(image=shd.batch_sharding(mesh, 4), label=shd.batch_sharding(mesh, 1),
+              **{k: shd.batch_sharding(mesh, 4) for k in extra_keys})
 
 
 def jit_train_step(exp: experiment.Experiment):
   """The jitted train step of a training experiment: (state, batch) -> (state, metrics), state donated."""
   step = functools.partial(train_step, model=exp.model, config=exp.config, optimizer=exp.optimizer)
-  return jax.jit(step, in_shardings=(exp.shardings, batch_shardings(exp.mesh)),
+  extra = tuple(exp.config.data.get("extra_keys", ()))
+  return jax.jit(step, in_shardings=(exp.shardings, batch_shardings(exp.mesh, extra)),
                  out_shardings=(exp.shardings, shd.replicated(exp.mesh)), donate_argnums=(0,))
 
 
-def abstract_batch(exp: experiment.Experiment) -> dict:
+def abstract_batch(exp: experiment.Experiment, latent_shape=None) -> dict:
+  """ShapeDtypeStructs of one global batch; ``latent_shape`` (h, w, C_l) for the extra keys."""
   m, b = exp.config.model, exp.config.batch_size
-  sh = batch_shardings(exp.mesh)
-  return dict(image=jax.ShapeDtypeStruct((b, m.input_size, m.input_size, m.in_channels), jnp.float32,
-                                         sharding=sh["image"]),
-              label=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh["label"]))
+  extra = tuple(exp.config.data.get("extra_keys", ()))
+  sh = batch_shardings(exp.mesh, extra)
+  out = dict(image=jax.ShapeDtypeStruct((b, m.input_size, m.input_size, m.in_channels), jnp.float32,
+                                        sharding=sh["image"]),
+             label=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh["label"]))
+  for k in extra:
+    if latent_shape is None:
+      raise ValueError(f"the batch has extra key {k!r}: pass latent_shape=(h, w, C) for it.")
+    out[k] = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=sh[k])
+  return out
 
 
 def lower_train_step(exp: experiment.Experiment):

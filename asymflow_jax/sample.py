@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     _, exp, state, settings = cli.open_for_sampling(parser, args, args.step)
     images = sampling.generate_from_config(exp.model, state.params, state.basis, state.scale, exp.mesh,
                                            sample_config=settings, num=args.num, seed=args.seed, batch=args.batch,
-                                           progress=True)
+                                           progress=True,
+                                           color_space=exp.config.model.color_space)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
 from asymflow_jax import asymflow as af
+from asymflow_jax import colorspace
 from asymflow_jax import image_io
 from asymflow_jax import sharding as shd
 from asymflow_jax.models import asymjit
@@ -136,12 +137,14 @@ def noise_and_labels(key, indices, shape, num_classes: int):
   return noise, (indices % num_classes).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_steps", "method", "shift", "sigma_min", "cfg"))
+@functools.partial(jax.jit, static_argnames=("model", "num_steps", "method", "shift", "sigma_min", "cfg",
+                                             "color_space"))
 def generate(model, params, basis, scale, key, indices, guidance, interval, *, num_steps: int, method: str = "heun",
-             shift: float = 1.0, sigma_min: float = af.EVAL_SIGMA_MIN, cfg: bool = True):
-  """Images (B, H, W, C) in [-1, 1] for global sample ``indices`` (B,); one compiled loop.
+             shift: float = 1.0, sigma_min: float = af.EVAL_SIGMA_MIN, cfg: bool = True, color_space: str = "rgb"):
+  """RGB images (B, H, W, C) in [-1, 1] for global sample ``indices`` (B,); one compiled loop.
 
-  ``guidance`` and ``interval`` are traced: new values reuse the compiled executable.
+  ``guidance`` and ``interval`` are traced: new values reuse the compiled executable. The sampled
+  state is in the model's ``color_space`` and decoded to RGB before clipping.
   """
   cfg_m = model.config
   shape = (cfg_m.input_size, cfg_m.input_size, cfg_m.in_channels)
@@ -149,11 +152,12 @@ def generate(model, params, basis, scale, key, indices, guidance, interval, *, n
   vel = asymjit_velocity_fn(model, params, basis, scale, sigma_min=sigma_min)
   x = sample(vel, noise, labels, num_steps=num_steps, method=method, guidance=guidance, interval=interval,
              null_label=cfg_m.num_classes, shift=shift, cfg=cfg)
-  return jnp.clip(x, -1.0, 1.0)
+  return jnp.clip(colorspace.decode(x, color_space), -1.0, 1.0)
 
 
 def generate_on_mesh(model, params, basis, scale, mesh, start: int, num: int, *, seed: int, guidance: float,
-                     interval, num_steps: int, method: str = "heun") -> np.ndarray:
+                     interval, num_steps: int, method: str = "heun", sigma_min: float = af.EVAL_SIGMA_MIN,
+                     color_space: str = "rgb") -> np.ndarray:
   """uint8 images (num, H, W, C) for global indices [start, start + num), batch-sharded over ``mesh``.
 
   The index range is padded to a multiple of the data-parallel size and cropped; every process
@@ -166,15 +170,16 @@ def generate_on_mesh(model, params, basis, scale, mesh, start: int, num: int, *,
   indices = jax.device_put(jnp.arange(start, start + n), shd.batch_sharding(mesh, 1))
   images = generate(model, params, basis, scale, jax.random.key(seed), indices, jnp.float32(guidance),
                     (jnp.float32(interval[0]), jnp.float32(interval[1])), num_steps=num_steps, method=method,
-                    cfg=guidance != 1.0)
+                    cfg=guidance != 1.0, sigma_min=float(sigma_min), color_space=color_space)
   return image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:num])
 
 
 def generate_from_config(model, params, basis, scale, mesh, *, sample_config, num: int, seed: int,
-                         batch: int | None = None, progress: bool = False) -> np.ndarray:
-  """uint8 images (num, H, W, C) for global indices [0, num) with the sampler settings of
-  ``sample_config`` (``num_steps``, ``method``, ``guidance``, ``interval``), ``batch`` global
-  indices per compiled call (default: all at once; rounded up to the data-parallel size).
+                         batch: int | None = None, progress: bool = False, color_space: str = "rgb") -> np.ndarray:
+  """uint8 RGB images (num, H, W, C) for global indices [0, num) with the sampler settings of
+  ``sample_config`` (``num_steps``, ``method``, ``guidance``, ``interval``, ``sigma_min``), ``batch``
+  global indices per compiled call (default: all at once; rounded up to the data-parallel size).
+  ``color_space`` is the model's pixel representation (``config.model.color_space``).
 
   The images do not depend on ``batch``, the number of devices or of hosts.
   """
@@ -192,5 +197,6 @@ def generate_from_config(model, params, basis, scale, mesh, *, sample_config, nu
     starts = tqdm.tqdm(starts, desc="sample", unit="batch")
   return np.concatenate([
       generate_on_mesh(model, params, basis, scale, mesh, start, batch, seed=seed, guidance=s.guidance,
-                       interval=tuple(s.interval), num_steps=s.num_steps, method=s.method)
+                       interval=tuple(s.interval), num_steps=s.num_steps, method=s.method,
+                       sigma_min=s.get("sigma_min", af.EVAL_SIGMA_MIN), color_space=color_space)
       for start in starts])[:num]

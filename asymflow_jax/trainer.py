@@ -34,6 +34,7 @@ from asymflow_jax import objective
 from asymflow_jax import sampling
 from asymflow_jax import scoring
 from asymflow_jax import sharding as shd
+from asymflow_jax import subspace as subspace_lib
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.metric_log import MetricWriter, log, progress_bar
 
@@ -69,8 +70,10 @@ def _restore_iterator(iterator, data: dict):
 
 def _sample_images(state, exp, num: int, seed: int) -> np.ndarray:
   """uint8 EMA samples (class-balanced; sampler and CFG from ``config.sample``), on every process."""
-  return sampling.generate_from_config(exp.model, state.ema[0], state.basis, state.scale, exp.mesh,
-                                       sample_config=exp.config.sample, num=num, seed=seed)
+  params = experiment.inference_params(exp.config, state.ema[0], state.frozen)
+  return sampling.generate_from_config(exp.model, params, state.basis, state.scale, exp.mesh,
+                                       sample_config=exp.config.sample, num=num, seed=seed,
+                                       color_space=exp.config.model.color_space)
 
 
 def write_sample_grid(state, exp, path) -> np.ndarray:
@@ -86,6 +89,7 @@ def write_sample_grid(state, exp, path) -> np.ndarray:
 def _scalars(metrics, n_images: int, seconds: float, skipped: int) -> dict:
   scalars = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), lr=float(metrics["lr"]),
                  img_per_s=n_images / max(seconds, 1e-9), skipped_records=skipped)
+  scalars.update({k: float(v) for k, v in metrics.get("terms", {}).items()})
   edges = objective.SIGMA_BUCKETS
   for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
     if metrics["count_by_sigma"][i] > 0:
@@ -111,11 +115,14 @@ def train(config, workdir, *, progress: bool = True, stop_requested: Callable[[]
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(workdir, config)
   try:
-    restored = checkpoint.restore_train(workdir, mngr, exp)
+    frozen, base_sub = _load_base(config, exp) if experiment.finetuning(config) else (None, None)
+    restored = checkpoint.restore_train(workdir, mngr, exp, frozen=frozen)
     if restored is not None:
       state, data = restored
       _restore_iterator(iterator, data)
       log(f"resumed from step {int(state.step)}")
+    elif frozen is not None:
+      state = exp.init_state(base_sub, frozen=frozen)
     else:
       state = exp.init_state(experiment.make_subspace(config))
     checkpoint.write_config(workdir, config)
@@ -126,6 +133,21 @@ def train(config, workdir, *, progress: bool = True, stop_requested: Callable[[]
     raise
   mngr.close()
   return result
+
+
+def _load_base(config, exp):
+  """(frozen networks in their shardings, subspace) of a finetuning run, from ``finetune.base``."""
+  base_config = checkpoint.read_config(config.finetune.base)
+  diff = [d for d in config_lib.structural_diff(base_config.to_dict(), config.to_dict()) if d.startswith("model.")]
+  if diff:
+    raise ValueError(f"the model of config.finetune.base={config.finetune.base!r} differs from this config's:\n  "
+                     + "\n  ".join(diff))
+  _, _, base = checkpoint.open_workdir(config.finetune.base, weights=config.finetune.weights, mesh=exp.mesh)
+  sub = subspace_lib.Subspace(basis=np.asarray(jax.device_get(base.basis)), patch_size=config.model.patch_size,
+                              scale=float(jax.device_get(base.scale)))
+  log(f"finetuning from {config.finetune.base} ({config.finetune.weights}, step {int(base.step)}); "
+      f"subspace rank {sub.rank}, scale {sub.scale:.4g}")
+  return jax.device_put(experiment.frozen_networks(config, base.params), exp.shardings.frozen), sub
 
 
 def _finish_saves(mngr):

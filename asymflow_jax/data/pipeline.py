@@ -18,8 +18,13 @@ The iterator returned by :meth:`Pipeline.__iter__` is a grain
 ``it.set_state(state)`` restores it so the next batches are identical.
 
 Batches are ``{"image": float32[B, H, W, C] in [-1, 1], "label": int32[B]}``
-with ``B = global_batch_size // process_count``. Label dropout for classifier-
-free guidance is not done here (the train step does it).
+with ``B = global_batch_size // process_count``, plus one float32 ``[B, ...]``
+entry per name in ``config.extra_keys`` (e.g. ``"latent"`` from an ``npz``
+source of cached latents), carried through unchanged. uint8 images are
+centre-cropped and scaled to [-1, 1]; float32 images (``npz`` sources) are
+already in model units and must be exactly ``[image_size, image_size,
+num_channels]`` (no crop). Label dropout for classifier-free guidance is not
+done here (the train step does it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from asymflow_jax.data import sources
 
 ON_BAD_RECORD = ("raise", "skip")
+SOURCES = ("mnist", "tfds", "array_record", "npz")
 
 
 # ----------------------------------------------------------------------------
@@ -45,11 +51,11 @@ ON_BAD_RECORD = ("raise", "skip")
 def default_data_config() -> ml_collections.ConfigDict:
   """The embedded offline default: 5000 MNIST digits, 32x32x1, 10 classes."""
   c = ml_collections.ConfigDict()
-  c.source = "mnist"          # 'mnist' | 'tfds' | 'array_record'
+  c.source = "mnist"          # 'mnist' | 'tfds' | 'array_record' | 'npz'
   c.name = ""                 # TFDS dataset name, e.g. 'imagenet2012'
   c.split = "train"           # TFDS split
   c.data_dir = ""             # TFDS data_dir ('' = TFDS default)
-  c.path = ""                 # ArrayRecord file / glob / comma list
+  c.path = ""                 # ArrayRecord file / glob / comma list, or the .npz file
   c.image_key = "image"       # TFDS feature names
   c.label_key = "label"
   c.image_size = 32
@@ -57,6 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_classes = 10          # informational, for the model config
   c.shuffle = True
   c.random_flip = False       # mirrored digits are not digits
+  c.extra_keys = ()           # extra float arrays carried to the batch (npz), e.g. ('latent',)
   c.on_bad_record = "raise"   # 'raise' | 'skip' (skipped records are counted)
   c.num_threads = 0           # grain ReadOptions.num_threads (0 = in-line)
   c.prefetch = 0              # grain ReadOptions.prefetch_buffer_size
@@ -94,7 +101,24 @@ def make_source(config: ml_collections.ConfigDict):
     if not config.path:
       raise ValueError("config.path is required for source='array_record'")
     return sources.ArrayRecordSource(config.path, num_channels=config.num_channels)
-  raise ValueError(f"unknown data source {kind!r}; expected 'mnist', 'tfds' or 'array_record'")
+  if kind == "npz":
+    if not config.path:
+      raise ValueError("config.path (the .npz file) is required for source='npz'")
+    return sources.NpzSource(config.path, keys=sources.NPZ_REQUIRED_KEYS + extra_keys_of(config))
+  raise ValueError(f"unknown data source {kind!r}; expected one of {SOURCES}")
+
+
+def extra_keys_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """``config.extra_keys`` validated: unique non-empty names other than 'image' / 'label'."""
+  keys = config.get("extra_keys", ())
+  if isinstance(keys, str) or not isinstance(keys, (tuple, list)):
+    raise ValueError(f"config.extra_keys={keys!r}: expected a tuple of array names, e.g. ('latent',)")
+  keys = tuple(keys)
+  bad = [k for k in keys if not isinstance(k, str) or not k or k in sources.NPZ_REQUIRED_KEYS]
+  if bad or len(set(keys)) != len(keys):
+    raise ValueError(f"config.extra_keys={keys!r}: expected unique names other than "
+                     f"{list(sources.NPZ_REQUIRED_KEYS)}")
+  return keys
 
 
 # ----------------------------------------------------------------------------
@@ -133,7 +157,12 @@ class BadRecordCounter:
 
 @dataclasses.dataclass
 class _LoadFn:
-  """Picklable (for worker processes) per-record transform."""
+  """Picklable (for worker processes) per-record transform.
+
+  uint8 images: centre crop + scale to [-1, 1]. float32 images: passed through (already in model
+  units), shape must be ``(image_size, image_size, num_channels)``. ``extra_keys``: arrays of the
+  record passed through as float32.
+  """
   source: Any
   shard_size: int
   image_size: int
@@ -142,19 +171,40 @@ class _LoadFn:
   seed: int
   on_bad_record: str
   counter: BadRecordCounter | None
+  extra_keys: tuple[str, ...] = ()
+
+  def _image(self, record_index: int, image: np.ndarray) -> np.ndarray:
+    """Record image -> float32 [image_size, image_size, C]; BadRecordError naming the record."""
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if image.dtype == np.float32:
+      want = (self.image_size, self.image_size, self.num_channels)
+      if image.shape != want:
+        raise sources.BadRecordError(
+            f"{self.source!r} record {record_index}: float32 image shape {list(image.shape)} != "
+            f"{list(want)} (image_size, image_size, num_channels); float images are not cropped")
+      return image
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != self.num_channels:
+      raise sources.BadRecordError(
+          f"{self.source!r} record {record_index}: image {image.dtype}{list(image.shape)}"
+          f" is not uint8 [H, W, {self.num_channels}] (or float32 "
+          f"[{self.image_size}, {self.image_size}, {self.num_channels}])")
+    return to_float(sources.center_crop_arr(image, self.image_size))
 
   def __call__(self, position: int, record_index: int):
     record_index = int(record_index)
     try:
       ex = self.source[record_index]
-      image = np.asarray(ex["image"])
-      if image.ndim == 2:
-        image = image[:, :, None]
-      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != self.num_channels:
-        raise sources.BadRecordError(
-            f"{self.source!r} record {record_index}: image {image.dtype}{list(image.shape)}"
-            f" is not uint8 [H, W, {self.num_channels}]")
-      image = sources.center_crop_arr(image, self.image_size)
+      image = self._image(record_index, np.asarray(ex["image"]))
+      extras = {}
+      for key in self.extra_keys:
+        if key not in ex:
+          raise sources.BadRecordError(f"{self.source!r} record {record_index}: has no extra array {key!r}")
+        try:
+          extras[key] = np.asarray(ex[key], dtype=np.float32)
+        except (TypeError, ValueError) as e:
+          raise sources.BadRecordError(
+              f"{self.source!r} record {record_index}: extra array {key!r} is not numeric: {e}") from e
     except sources.BadRecordError as e:
       if self.on_bad_record == "skip":
         if self.counter is not None:
@@ -165,7 +215,7 @@ class _LoadFn:
       epoch = position // self.shard_size
       if flip_decision(self.seed, epoch, record_index):
         image = image[:, ::-1]
-    return {"image": to_float(image), "label": np.int32(ex["label"])}
+    return {"image": image, "label": np.int32(ex["label"]), **extras}
 
   def __getstate__(self):  # The lock in the counter cannot be pickled.
     state = dict(self.__dict__)
@@ -233,6 +283,10 @@ def make_pipeline(config: ml_collections.ConfigDict | None = None, *, seed: int,
     raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {config.on_bad_record!r}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+  extras = extra_keys_of(config)
+  if extras and config.random_flip:
+    raise ValueError(f"config.random_flip=True with config.extra_keys={extras!r}: a flipped image would not "
+                     "match its extra arrays (e.g. its cached latent); set random_flip=False")
   local_batch_size = global_batch_size // process_count
 
   source = make_source(config) if source is None else source
@@ -245,7 +299,8 @@ def make_pipeline(config: ml_collections.ConfigDict | None = None, *, seed: int,
   counter = BadRecordCounter()
   load = _LoadFn(source=source, shard_size=per_process, image_size=config.image_size,
                  num_channels=config.num_channels, random_flip=config.random_flip,
-                 seed=seed, on_bad_record=config.on_bad_record, counter=counter)
+                 seed=seed, on_bad_record=config.on_bad_record, counter=counter,
+                 extra_keys=extras)
 
   ds = grain.MapDataset.range(len(source))
   ds = ds[: per_process * process_count][process_index::process_count]

@@ -1,7 +1,8 @@
 """Random-access image sources for the grain pipeline.
 
 Every source is a plain Python sequence: ``len(source)`` and ``source[i]``
-returning ``{"image": uint8[H, W, C], "label": int}``. A record that cannot be
+returning ``{"image": uint8[H, W, C], "label": int}`` (:class:`NpzSource` may also
+return float32 images and extra float arrays). A record that cannot be
 decoded or has the wrong shape raises :class:`BadRecordError` (a ``ValueError``)
 whose message names the file / dataset and the record index; the pipeline
 either propagates it or skips and counts the record (``on_bad_record``).
@@ -14,6 +15,9 @@ Sources:
     ``tfds.data_source`` (never downloads; TensorFlow is not required).
   * :class:`ArrayRecordSource` -- ArrayRecord files written by
     ``python -m asymflow_jax.data.prep`` (record format below).
+  * :class:`NpzSource` -- arrays of one ``.npz`` file (any ``etils.epath`` path, e.g. ``gs://``) held
+    in memory: uint8 images, or float32 images already in model units, plus optional extra float
+    arrays (e.g. cached latents) returned with every record; written by :func:`write_npz_dataset`.
 
 ArrayRecord record format (self-describing, little endian)::
 
@@ -36,9 +40,12 @@ import importlib.util
 import io
 import os
 import struct
+import uuid
+import zipfile
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 RECORD_MAGIC = b"AFJR"
@@ -367,3 +374,153 @@ class ArrayRecordSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({self.paths!r})"
+
+
+# ----------------------------------------------------------------------------
+# (d) In-memory arrays of an .npz file (e.g. images with cached latents).
+# ----------------------------------------------------------------------------
+
+NPZ_REQUIRED_KEYS = ("image", "label")
+
+
+def _check_npz_arrays(where: str, arrays: dict) -> dict:
+  """Validates and normalises the arrays of an npz dataset; ValueError naming ``where`` and the array.
+
+  image: uint8 [N, H, W, C] or [N, H, W] (-> C = 1), or floating [N, H, W, C] (-> float32);
+  label: integer [N] (-> int32); any other array: real numbers [N, ...] (-> float32).
+  """
+  out = {}
+  image = np.asarray(arrays["image"])
+  if image.dtype == np.uint8 and image.ndim == 3:
+    image = image[..., None]
+  if image.dtype == np.uint8 and image.ndim == 4:
+    out["image"] = image
+  elif np.issubdtype(image.dtype, np.floating) and image.ndim == 4:
+    out["image"] = image.astype(np.float32, copy=False)
+  else:
+    raise ValueError(f"{where}: 'image' is {image.dtype}{list(image.shape)}; expected uint8 [N, H, W(, C)] "
+                     "or float32 [N, H, W, C] (already in model units)")
+  n = image.shape[0]
+  label = np.asarray(arrays["label"])
+  if not np.issubdtype(label.dtype, np.integer) or label.shape != (n,):
+    raise ValueError(f"{where}: 'label' is {label.dtype}{list(label.shape)}; expected integers [{n}] "
+                     "(one per image)")
+  if label.size and (label.min() < np.iinfo(np.int32).min or label.max() > np.iinfo(np.int32).max):
+    raise ValueError(f"{where}: 'label' values do not fit in int32")
+  out["label"] = label.astype(np.int32, copy=False)
+  for key, value in arrays.items():
+    if key in NPZ_REQUIRED_KEYS:
+      continue
+    value = np.asarray(value)
+    if value.dtype == np.bool_ or not (np.issubdtype(value.dtype, np.floating)
+                                       or np.issubdtype(value.dtype, np.integer)):
+      raise ValueError(f"{where}: extra array {key!r} has dtype {value.dtype}; expected real numbers")
+    if value.ndim < 1 or value.shape[0] != n:
+      raise ValueError(f"{where}: extra array {key!r} has shape {list(value.shape)}; expected [{n}, ...] "
+                       "(one entry per image)")
+    out[key] = value.astype(np.float32, copy=False)
+  return out
+
+
+def write_npz_dataset(path, images, labels, **extra) -> None:
+  """Writes an :class:`NpzSource` file (uncompressed ``np.savez``) to any epath path (tmp + rename).
+
+  Args:
+    images: uint8 [N, H, W, C] (or [N, H, W]) pixels, or float [N, H, W, C] already in model units
+      (stored as float32).
+    labels: integers [N] (stored as int32).
+    **extra: extra arrays [N, ...] stored as float32 under their keyword, e.g. ``latent=z``.
+  """
+  bad = sorted(k for k in extra if k in NPZ_REQUIRED_KEYS or not k.isidentifier())
+  if bad:
+    raise ValueError(f"extra array names {bad} are reserved or not identifiers")
+  path = epath.Path(path)
+  arrays = _check_npz_arrays(str(path), {"image": images, "label": labels, **extra})
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(path)
+
+
+def npz_array_info(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """``{name: (shape, dtype)}`` of the arrays in an ``.npz`` file, from the headers only (cheap, e.g. for
+  validating a config against the file before training); ValueError if it is not a readable npz."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"npz dataset not found: {path}")
+  info = {}
+  try:
+    with path.open("rb") as f, zipfile.ZipFile(f) as archive:
+      for member in archive.infolist():
+        if not member.filename.endswith(".npy"):
+          continue
+        with archive.open(member) as m:
+          version = np.lib.format.read_magic(m)
+          read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+          shape, _, dtype = read(m)
+        info[member.filename[:-len(".npy")]] = (tuple(shape), np.dtype(dtype))
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+  return info
+
+
+class NpzSource:
+  """Records of one ``.npz`` file: ``{"image", "label", *extra keys}`` per index.
+
+  The file (any ``etils.epath`` path, e.g. ``gs://bucket/digits.npz``) is read once and the arrays
+  named in ``keys`` are kept in memory. ``keys`` must contain ``"image"`` and ``"label"``; every
+  other key is an extra float array (e.g. ``"latent"``, ``[N, h, w, c]``). Records are
+  ``{"image": uint8 [H, W, C] | float32 [H, W, C], "label": int, key: float32 [...]}``; the rows are
+  read-only views of the in-memory arrays. See :func:`_check_npz_arrays` for the accepted dtypes.
+  """
+
+  def __init__(self, path, keys: Sequence[str] = NPZ_REQUIRED_KEYS):
+    keys = tuple(keys)
+    self.path = str(path)
+    missing = [k for k in NPZ_REQUIRED_KEYS if k not in keys]
+    if missing or len(set(keys)) != len(keys):
+      raise ValueError(f"keys={keys!r}: expected unique names including {list(NPZ_REQUIRED_KEYS)}")
+    epath_path = epath.Path(path)
+    if not epath_path.exists():
+      raise FileNotFoundError(f"npz dataset not found: {self.path}")
+    try:
+      npz = np.load(io.BytesIO(epath_path.read_bytes()), allow_pickle=False)
+      if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      with npz:
+        absent = [k for k in keys if k not in npz.files]
+        arrays = {k: npz[k] for k in keys if k in npz.files}
+        files = sorted(npz.files)
+    except Exception as e:  # zipfile / numpy raise several types for a corrupt file.
+      raise ValueError(f"{self.path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if absent:
+      raise ValueError(f"{self.path}: has no array(s) {absent}; it has {files}")
+    self._arrays = _check_npz_arrays(self.path, arrays)
+    for a in self._arrays.values():
+      a.flags.writeable = False
+    self.keys = keys
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """Shape [H, W, C] of one image."""
+    return tuple(self._arrays["image"].shape[1:])
+
+  @property
+  def image_dtype(self) -> np.dtype:
+    return self._arrays["image"].dtype
+
+  def __len__(self) -> int:
+    return int(self._arrays["label"].shape[0])
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"{self.path}: record index {index} out of range [0, {len(self)})")
+    record = {k: self._arrays[k][index] for k in self.keys}
+    record["label"] = int(record["label"])
+    return record
+
+  def __repr__(self) -> str:
+    return f"NpzSource({self.path!r}, keys={self.keys!r})"

@@ -1,0 +1,327 @@
+"""Finetuning a lifted model: the AsymFlowVR loss against a float64 NumPy derivation, LoRA, the
+trainable subset, the lift optimiser (lr multiplier, late clipping, karras EMA)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from asymflow_jax import asymflow as af
+from asymflow_jax import config as config_lib
+from asymflow_jax import experiment
+from asymflow_jax import lift
+from asymflow_jax import objective
+from asymflow_jax import sharding as shd
+from asymflow_jax import subspace as subspace_lib
+from asymflow_jax.evaluation import lpips
+from asymflow_jax.models import asymjit, finetune, jit_model
+
+LATENT = jit_model.JiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                             bottleneck_dim=16, in_context_len=2, in_context_start=1, num_classes=10)
+PIXEL = lift.pixel_jit_config(LATENT, 4, 1)
+SCALE = 0.7
+TRAINABLE = ("x_embedder", "final_layer")
+LORA_TARGETS = ("mlp/w12", "mlp/w3", "t_embedder")
+
+
+def lift_config(**vr):
+  c = config_lib.base_config()
+  c.model = config_lib.model_config("tiny", **{k: getattr(PIXEL, k) for k in (
+      "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "bottleneck_dim",
+      "in_context_len", "in_context_start", "num_classes")})
+  c.model.rank, c.model.projected_init = LATENT.patch_dim, False
+  c.data.extra_keys = ("latent",)
+  c.batch_size, c.mesh.fsdp = 4, 1
+  c.objective = "asymflow_vr"
+  c.sigma_mean, c.sigma_std, c.sigma_shift = 0.0, 1.0, 17.0
+  c.lr, c.warmup_steps, c.warmup_ratio, c.b2 = 1e-3, 2, 1e-3, 0.95
+  c.grad_clip, c.grad_clip_start = 200.0, 1
+  c.ema_decays, c.ema_policy, c.ema_start = (0.0,), "karras", 1
+  c.finetune.base = "unused-in-memory"
+  c.finetune.trainable = TRAINABLE
+  c.finetune.lr_mults = (("final_layer/linear", 10.0),)
+  c.finetune.lora_rank, c.finetune.lora_targets = 4, LORA_TARGETS
+  c.vr.lpips_weight = 0.0
+  c.vr.update(vr)
+  return c
+
+
+def _random_tree(tree, key, std):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """A lifted base (random latent weights), its subspace, a batch of images + latents."""
+  latent_params = jax.jit(lambda k: _random_tree(asymjit.init_params(jit_model.JiT(LATENT), k), k, 0.1))(
+      jax.random.key(0))
+  q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(PIXEL.patch_dim, LATENT.patch_dim)))
+  basis = q.astype(np.float32)
+  base = lift.lift_jit_params(latent_params, basis)
+  rng = np.random.default_rng(2)
+  z = rng.normal(size=(4, 8, 8, 4)).astype(np.float32)
+  x0 = np.clip(np.asarray(lift.low_rank_image(jnp.asarray(z), basis, SCALE, latent_patch_size=2, patch_size=8))
+               + 0.3 * rng.normal(size=(4, 32, 32, 1)), -1, 1).astype(np.float32)
+  batch = dict(image=jnp.asarray(x0), label=jnp.asarray([0, 3, 7, 9], jnp.int32), latent=jnp.asarray(z))
+  return base, basis, batch
+
+
+def _experiment(config):
+  return experiment.build(config, shd.make_mesh(config.mesh, jax.devices()[:1]), training=True)
+
+
+def _sub(basis):
+  return subspace_lib.Subspace(basis=basis, patch_size=PIXEL.patch_size, scale=SCALE)
+
+
+# ------------------------------------------------------------------------------------ the VR maths
+
+
+def test_vr_coefficient_against_numpy():
+  rng = np.random.default_rng(0)
+  d_lr = rng.normal(size=(2, 8, 12, 3))
+  gain = np.repeat(np.repeat(rng.normal(0.5, 1.0, size=(2, 2, 3, 3)), 4, axis=1), 4, axis=2)   # per patch
+  d_full = (gain * d_lr + 0.2 * rng.normal(size=d_lr.shape)).astype(np.float32)
+  d_lr = d_lr.astype(np.float32)
+  coef = np.asarray(af.vr_coefficient(jnp.asarray(d_full), jnp.asarray(d_lr), 4))
+  f = d_full.astype(np.float64).reshape(2, 2, 4, 3, 4, 3)
+  l = d_lr.astype(np.float64).reshape(2, 2, 4, 3, 4, 3)
+  want = np.clip((f * l).mean(axis=(2, 4)) / np.maximum((l * l).mean(axis=(2, 4)), 1e-4), 0, 1)
+  assert coef.shape == (2, 2, 3, 3)
+  np.testing.assert_allclose(coef, want, rtol=1e-5, atol=1e-6)
+  assert 0 < (coef == 0).mean() < 1 and 0 < (coef == 1).mean() < 1    # both clamps are exercised
+  np.testing.assert_array_equal(af.vr_coefficient(jnp.asarray(d_full), jnp.zeros_like(d_lr), 4), 0.0)
+  np.testing.assert_allclose(af.vr_coefficient(jnp.asarray(d_lr), jnp.asarray(d_lr), 4), 1.0, rtol=1e-6)
+
+
+def test_loss_shift_schedule():
+  sigma = np.linspace(0, 1, 11).astype(np.float32)
+  rho = np.asarray(af.loss_shift_rho(jnp.asarray(sigma), 0.3))
+  s = sigma.astype(np.float64)
+  np.testing.assert_allclose(rho, (1 - s) ** 2 / ((1 - s) ** 2 + (0.3 * s) ** 2), rtol=1e-6)
+  assert rho[0] == 1.0 and rho[-1] == 0.0 and np.all(np.diff(rho) < 0)
+  np.testing.assert_array_equal(af.loss_shift_rho(jnp.asarray(sigma), 0.0), 0.0)
+
+
+def test_vr_gate_is_the_channel_rms_over_each_patch():
+  coef = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 3, 2, 3)), jnp.float32)
+  gate = np.asarray(af.vr_gate(coef, 4))
+  want = np.sqrt((np.asarray(coef, np.float64) ** 2).mean(-1))
+  assert gate.shape == (2, 12, 8)
+  np.testing.assert_allclose(gate[:, ::4, ::4], want, rtol=1e-6)
+  np.testing.assert_allclose(gate[:, 3::4, 3::4], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("with_lpips", [False, True])
+def test_vr_loss_matches_a_float64_derivation(setup, with_lpips):
+  """The networks are black boxes (teacher: base, eval clamp 1e-4; student: merged tree, train clamp
+  1e-6; the LPIPS map); everything else — noise/label/sigma draws, x0^lr, c, rho, target, weights,
+  the LPIPS gate — in NumPy."""
+  base, basis, batch = setup
+  config = lift_config(lpips_weight=0.7 if with_lpips else 0.0)
+  config.prob_class = 0.5
+  exp = _experiment(config)
+  model = exp.model
+  trained = _random_tree(experiment.init_trained(config, base, jax.random.key(3)), jax.random.key(4), 0.05)
+  key = jax.random.key(11)
+  frozen = experiment.frozen_networks(config, base)
+  assert ("lpips" in frozen) == with_lpips
+  # XLA:CPU at the suite's optimisation level 0 runs convolutions as naive loops: optimise this jit.
+  loss, aux = jax.jit(lambda t, f: objective.vr_loss(t, batch, key, jnp.asarray(basis), jnp.float32(SCALE),
+                                                     model=model, config=config, frozen=f),
+                      compiler_options={"xla_backend_optimization_level": 2})(trained, frozen)
+
+  k_label, k_sigma, k_noise, _ = jax.random.split(key, 4)
+  keep = np.asarray(jax.random.bernoulli(k_label, 0.5, (4,)))
+  labels = np.where(keep, np.asarray(batch["label"]), 10)
+  assert 0 < keep.sum() < 4
+  n = np.asarray(jax.random.normal(k_sigma, (4,)), np.float64)
+  sig = 1 / (1 + np.exp(-n))
+  sig = 17 * sig / (1 + 16 * sig)
+  noise = np.asarray(jax.random.normal(k_noise, (4, 32, 32, 1)), np.float64)
+  z = np.asarray(batch["latent"], np.float64)
+  zt = z.reshape(4, 4, 2, 4, 2, 4).transpose(0, 1, 3, 2, 4, 5).reshape(4, 4, 4, 16)          # DiT latent tokens
+  x0_lr = (SCALE * zt @ basis.T.astype(np.float64)).reshape(4, 4, 4, 8, 8, 1).transpose(0, 1, 3, 2, 4, 5)
+  x0_lr = x0_lr.reshape(4, 32, 32, 1)
+  x0 = np.asarray(batch["image"], np.float64)
+  s4 = sig[:, None, None, None]
+  x_t, x_t_lr = (1 - s4) * x0 + s4 * noise, (1 - s4) * x0_lr + s4 * noise
+
+  def net(params, x, sigma_min, train):
+    return np.asarray(jax.jit(lambda p, xx, sg, lb: asymjit.asymjit_apply(
+        model, p, xx, sg, lb, jnp.asarray(basis), scale=SCALE, sigma_min=sigma_min, train=train))(
+            params, jnp.asarray(x, jnp.float32), jnp.asarray(sig, jnp.float32), jnp.asarray(labels)), np.float64)
+  x0_ref = x_t_lr - s4 * net(base, x_t_lr, 1e-4, False)
+  student = finetune.merge(base, trained, 1.0)
+  x0_hat = x_t - s4 * net(student, x_t, 1e-6, True)
+  d_lr, d_full = x0_lr - x0_ref, x0 - x0_hat
+  blocks = lambda a: a.reshape(4, 4, 8, 4, 8, 1)
+  coef = np.clip((blocks(d_full * d_lr)).mean(axis=(2, 4)) / np.maximum(blocks(d_lr ** 2).mean(axis=(2, 4)), 1e-4),
+                 0, 1)
+  coef_px = np.repeat(np.repeat(coef, 8, axis=1), 8, axis=2)
+  rho = (1 - s4) ** 2 / ((1 - s4) ** 2 + (0.3 * s4) ** 2)
+  target = x0 - (1 - rho) * coef_px * d_lr
+  want = 5.0 * np.mean((x0_hat - target) ** 2 / np.maximum(s4, 0.05) ** 2)
+  if with_lpips:
+    rgb = lambda a: jnp.repeat(jnp.asarray(a, jnp.float32), 3, axis=-1)
+    dist = np.asarray(jax.jit(lpips.lpips_spatial, compiler_options={"xla_backend_optimization_level": 2})(
+        frozen["lpips"], rgb(np.clip(x0_hat, -1, 1)), rgb(x0)), np.float64)                   # (B, H, W)
+    gate = np.repeat(np.repeat(np.sqrt((coef ** 2).mean(-1)), 8, axis=1), 8, axis=2)
+    lp = 0.7 * np.mean(dist * gate * (rho / np.maximum(s4, 0.05) ** 2)[..., 0])
+    assert lp > 1e-3 * want
+    np.testing.assert_allclose(float(aux["loss_lpips"]), lp, rtol=1e-3)
+    want += lp
+  np.testing.assert_allclose(float(loss), want, rtol=2e-4)
+  np.testing.assert_allclose(float(aux["vr_coef"]), coef.mean(), rtol=1e-3, atol=1e-5)
+  assert 0 < coef.mean() < 1
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_interception_equals_the_merged_kernels_and_starts_at_the_base(setup):
+  base, basis, batch = setup
+  model = jit_model.JiT(PIXEL)
+  x, t, y = batch["image"], jnp.asarray([0.2, 0.5, 0.7, 0.9]), batch["label"]
+  apply = jax.jit(lambda p: model.apply({"params": p}, x, t, y))
+  lora = finetune.init_lora(jax.random.key(0), base, LORA_TARGETS, 4)
+  targeted = sorted(finetune._adapters(lora))
+  assert targeted == ["blocks_0/mlp/w12", "blocks_0/mlp/w3", "blocks_1/mlp/w12", "blocks_1/mlp/w3",
+                      "t_embedder/mlp_0", "t_embedder/mlp_2"]
+  assert float(np.std(np.asarray(lora["blocks_0"]["mlp"]["w12"]["a"]))) == pytest.approx(1 / 4, rel=0.1)
+  ref = apply(base)
+  with finetune.lora_interceptor(lora, scale=1.0):
+    at_init = apply(base)
+  np.testing.assert_array_equal(at_init, ref)          # B = 0: the adapted model is the base exactly
+  lora = _random_tree(lora, jax.random.key(1), 0.1)
+  with finetune.lora_interceptor(lora, scale=0.5):
+    intercepted = jax.jit(lambda p: model.apply({"params": p}, x, t, y))(base)
+  merged = apply(finetune.merge(base, {finetune.LORA: lora}, 0.5))
+  assert np.abs(np.asarray(merged - ref)).max() > 1e-2
+  np.testing.assert_allclose(intercepted, merged, rtol=1e-5, atol=1e-5)
+  runs = []
+  for seed in (0, 0, 1):
+    with finetune.lora_interceptor(lora, scale=0.5, dropout=0.5, rng=jax.random.key(seed)):
+      runs.append(np.asarray(jax.jit(lambda p: model.apply({"params": p}, x, t, y))(base)))
+  np.testing.assert_array_equal(runs[0], runs[1])
+  assert np.abs(runs[0] - runs[2]).max() > 1e-3 and np.abs(runs[0] - np.asarray(merged)).max() > 1e-3
+
+
+def test_patterns_that_match_nothing_are_errors(setup):
+  base, _, _ = setup
+  finetune.check_patterns(base, TRAINABLE, LORA_TARGETS)
+  with pytest.raises(ValueError, match=r"trainable pattern 'x_embeder' matches no parameter.*LoRA target 'mlp/w4'"):
+    finetune.check_patterns(base, ("x_embeder",), ("mlp/w4",))
+
+
+# ------------------------------------------------------------------------------------- optimiser
+
+
+def test_lr_multiplier_late_clipping_and_karras_ema():
+  config = lift_config()
+  config.warmup_steps, config.grad_clip, config.grad_clip_start = 0, 1.0, 2
+  opt = experiment.make_optimizer(config)
+  params = {"final_layer": {"linear": {"kernel": jnp.ones((2,))}}, "x_embedder": {"kernel": jnp.ones((2,))}}
+  grads = jax.tree.map(lambda p: 3.0 * p, params)       # global norm 6 > 1
+  state = opt.init(params)
+  updates = []
+  for _ in range(3):
+    u, state = opt.update(grads, state, params)
+    updates.append(u)
+  for u in updates:   # the multiplier scales AdamW's whole step
+    np.testing.assert_allclose(u["final_layer"]["linear"]["kernel"], 10 * u["x_embedder"]["kernel"], rtol=1e-6)
+  # Adam normalises, so clipping shows in the second moment: steps 0-1 unclipped (|g| = 3), step 2 clipped.
+  lr = config.lr
+  np.testing.assert_allclose(updates[0]["x_embedder"]["kernel"], -lr, rtol=1e-5)
+  g_clipped = 3.0 / 6.0
+  m = 0.9 * (0.9 * (0.1 * 3) + 0.1 * 3) + 0.1 * g_clipped
+  v = 0.95 * (0.95 * (0.05 * 9) + 0.05 * 9) + 0.05 * g_clipped ** 2
+  want = -lr * (m / (1 - 0.9 ** 3)) / (np.sqrt(v / (1 - 0.95 ** 3)) + 1e-8)
+  np.testing.assert_allclose(updates[2]["x_embedder"]["kernel"], want, rtol=1e-5)
+  momenta = [float(experiment.ema_momenta(config, jnp.asarray(s))[0]) for s in range(5)]
+  np.testing.assert_allclose(momenta, [0.0, 0.0, (1 - 1 / 2) ** 8, (1 - 1 / 3) ** 8, (1 - 1 / 4) ** 8], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------- the train step
+
+
+def test_finetune_step_trains_only_the_subset_and_never_changes_the_teacher(setup):
+  base, basis, batch = setup
+  config = lift_config(lpips_weight=0.0)
+  config.finetune.lora_dropout = 0.05
+  exp = _experiment(config)
+  # The step donates its state, frozen networks included (they pass through without a copy): give it its own.
+  state = exp.init_state(_sub(basis), frozen=experiment.frozen_networks(config, jax.tree.map(jnp.copy, base)))
+  frozen_before = jax.tree.map(np.array, state.frozen)
+  assert set(state.params) == {"x_embedder", "final_layer", finetune.LORA}
+  # The optimizer and EMA hold only the trained tree.
+  n_trained = sum(a.size for a in jax.tree.leaves(state.params))
+  n_base = sum(a.size for a in jax.tree.leaves(base))
+  assert sum(a.size for a in jax.tree.leaves(state.ema[0])) == n_trained < n_base / 2
+  step = objective.jit_train_step(exp)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  assert int(state.nonfinite_step) == -1 and np.isfinite(float(metrics["loss"]))
+  assert 0 <= float(metrics["terms"]["vr_coef"]) <= 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen_before)
+  merged = experiment.inference_params(config, state.params, state.frozen)
+  changed = set()
+  for path, new in jax.tree_util.tree_leaves_with_path(merged):
+    name = finetune.path_str(path)
+    old = finetune._get(base, name.split("/"))
+    if not np.array_equal(np.asarray(new), np.asarray(old)):
+      changed.add(name)
+  lora_kernels = {f"{m}/kernel" for m in finetune._adapters(state.params[finetune.LORA])}
+  trainable = {p for p in finetune.leaf_paths(base) if p.startswith(TRAINABLE)}
+  assert changed <= trainable | lora_kernels           # nothing else moved, not even by round-off
+  assert "final_layer/linear/kernel" in changed and "x_embedder/proj1/kernel" in changed
+  assert lora_kernels <= changed                       # the adapters learned (B left zero after step 1)
+
+
+# ------------------------------------------------------------------------ the trainer and the workdir
+
+
+def test_finetune_run_resumes_exactly_and_stores_only_the_trained_tree(setup, tmp_path):
+  """train() on a lifted base workdir: 4 straight steps == 2 steps + resume to 4 (bitwise); the step
+  folders hold the trained tree only; open_workdir restores it onto the base with LoRA folded in."""
+  from asymflow_jax import checkpoint, trainer
+  from asymflow_jax.data import sources
+  base, basis, _ = setup
+  base_config = lift_config()
+  base_config.objective, base_config.data.extra_keys = "flow", ()
+  base_config.finetune.base, base_config.finetune.trainable, base_config.finetune.lr_mults = "", (), ()
+  base_config.finetune.lora_rank, base_config.finetune.lora_targets = 0, ()
+  checkpoint.save_converted(tmp_path / "lifted", base_config, base, basis, SCALE)
+  rng = np.random.default_rng(5)
+  sources.write_npz_dataset(tmp_path / "data.npz", rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8),
+                            np.arange(16) % 10, latent=rng.normal(size=(16, 8, 8, 4)).astype(np.float32))
+
+  def config(steps):
+    c = lift_config()
+    c.data.source, c.data.path = "npz", str(tmp_path / "data.npz")
+    c.finetune.base = str(tmp_path / "lifted")
+    c.finetune.lora_dropout = 0.05
+    c.num_steps, c.log_every, c.checkpoint.every, c.checkpoint.async_save = steps, 2, 2, False
+    c.sample.num_steps, c.sample.num_images, c.sample.sigma_min = 2, 10, 1e-4
+    return c
+
+  straight = trainer.train(config(4), tmp_path / "a", progress=False).state
+  trainer.train(config(2), tmp_path / "b", progress=False)
+  resumed = trainer.train(config(4), tmp_path / "b", progress=False).state
+  for a, b in ((straight.params, resumed.params), (straight.ema, resumed.ema), (straight.opt_state, resumed.opt_state)):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+  stored = (tmp_path / "b" / "checkpoints" / "4" / "params" / "_METADATA").read_text()
+  assert "proj1" in stored and "lora" in stored and "qkv" not in stored and "embedding_table" not in stored
+  _, _, inference = checkpoint.open_workdir(tmp_path / "b")
+  want = experiment.inference_params(config(4), resumed.ema[0], dict(params=base))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7),
+               inference.params, want)
+  np.testing.assert_array_equal(np.asarray(inference.basis), basis)
+  assert float(inference.scale) == pytest.approx(SCALE)
+  metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert {"vr_coef", "loss_mse"} <= set(metrics[-1]) and 0 <= metrics[-1]["vr_coef"] <= 1
