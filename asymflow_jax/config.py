@@ -289,7 +289,7 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
                     f"(mesh {dict(zip(shd.MESH_AXES, sizes))}).")
   if training and config.batch_size % process_count:
     errors.append(f"config.batch_size={config.batch_size} is not divisible by the {process_count} processes.")
-  errors += _data_errors(config.data, check_files)
+  errors += _data_errors(config.data, training, check_files)
   errors += _finetune_errors(config)
   if config.subspace.kind == "file" and not config.subspace.path:
     errors.append("config.subspace.kind='file' needs config.subspace.path (a subspace .npz).")
@@ -312,8 +312,8 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def _data_errors(d, check_files: bool) -> list[str]:
-  """The data source, its extra arrays, and (``check_files``) an npz file against the config."""
+def _data_errors(d, training: bool, check_files: bool) -> list[str]:
+  """The data source, its extra arrays, and (training; ``check_files``) an npz file against the config."""
   errors = []
   if d.source not in data_pipeline.SOURCES:
     return [f"config.data.source={d.source!r}: expected one of {data_pipeline.SOURCES}"]
@@ -324,6 +324,8 @@ def _data_errors(d, check_files: bool) -> list[str]:
   if extra and d.random_flip:
     errors.append(f"config.data.random_flip=True with extra_keys {extra}: a flipped image would not match its "
                   "extra arrays (e.g. its latents); set config.data.random_flip=False.")
+  if not training:
+    return errors
   if d.source in ("npz", "array_record") and not d.path:
     errors.append(f"config.data.source={d.source!r} needs config.data.path.")
   elif d.source == "npz" and check_files:

@@ -325,3 +325,37 @@ def test_finetune_run_resumes_exactly_and_stores_only_the_trained_tree(setup, tm
   assert float(inference.scale) == pytest.approx(SCALE)
   metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert {"vr_coef", "loss_mse"} <= set(metrics[-1]) and 0 <= metrics[-1]["vr_coef"] <= 1
+
+
+def test_config_validation_names_each_finetuning_mistake(tmp_path):
+  c = lift_config()
+  c.finetune.lora_targets = ()
+  c.ema_decays = (0.9, 0.99)
+  c.model.color_space = "oklab"
+  c.data.random_flip = True
+  c.vr.latent_key = "z"
+  with pytest.raises(ValueError) as err:
+    config_lib.validate_config(c, 1, check_files=False)
+  msg = str(err.value)
+  for want in ("finetune.lora_rank=4 but config.finetune.lora_targets is empty", "random_flip=True with extra_keys",
+               "ema_policy='karras' keeps one EMA tree", "color_space='oklab' needs 3 channels",
+               "reads the latents from batch key 'z'"):
+    assert want in msg, (want, msg)
+  c = lift_config()
+  c.finetune.base = ""
+  with pytest.raises(ValueError, match="'asymflow_vr' needs config.finetune.base"):
+    config_lib.validate_config(c, 1, check_files=False)
+  c = lift_config()
+  c.finetune.base = str(tmp_path / "nowhere")
+  c.data.source, c.data.path = "npz", str(tmp_path / "missing.npz")
+  with pytest.raises(ValueError, match=r"(?s)data.path=.*missing.npz' does not exist.*finetune.base=.*nowhere"):
+    config_lib.validate_config(c, 1, check_files=True)
+  c = lift_config()
+  c.data.source = "npz"      # no path: needed to train, not to sample (a lifted workdir's stored config)
+  config_lib.validate_config(c, 1, training=False, check_files=False)
+  with pytest.raises(ValueError, match="source='npz' needs config.data.path"):
+    config_lib.validate_config(c, 1, check_files=False)
+  c = lift_config()
+  c.finetune.trainable = ("x_embeder",)
+  with pytest.raises(ValueError, match="trainable pattern 'x_embeder' matches no parameter"):
+    _experiment(c)
