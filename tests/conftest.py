@@ -1,8 +1,9 @@
 """Shared test set-up: CPU only, the committed parity fixtures, a bounded hypothesis profile."""
 
+import fcntl
 import os
 import pathlib
-
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -44,22 +45,125 @@ def fixtures_dir() -> pathlib.Path:
   return FIXTURES
 
 
+def run_root(tmp_path_factory) -> pathlib.Path:
+  """A folder of this test run shared by all its xdist workers (per worker without xdist)."""
+  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  root = tmp_path_factory.getbasetemp().parent / f"shared-{uid}" if uid else tmp_path_factory.getbasetemp() / "shared"
+  root.mkdir(parents=True, exist_ok=True)
+  return root
+
+
+def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """``run_root/name``, made by ``build(path)`` once per test run: the first worker to ask builds it
+  under a file lock, the others wait for it and reuse it (expensive set-up such as a trained
+  workdir). A failed build leaves nothing behind, so the next test to ask builds it again. Users
+  must not modify it (copy it first)."""
+  root = run_root(tmp_path_factory)
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        build(path)
+        done.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return path
+
+
 @pytest.fixture(scope="session")
 def digit_classifier(tmp_path_factory) -> pathlib.Path:
   """The default FDD digit classifier, trained once per test run (shared by the xdist workers under
   a file lock) and saved where the CLIs and the trainer look for it (``--classifier`` /
   ``WORKDIR/digit_classifier.msgpack``)."""
-  import fcntl  # pylint: disable=import-outside-toplevel
   from asymflow_jax.evaluation import classifier  # pylint: disable=import-outside-toplevel
-  uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-  root = tmp_path_factory.getbasetemp().parent / f"clf-{uid}" if uid else tmp_path_factory.mktemp("clf")
-  root.mkdir(parents=True, exist_ok=True)
-  path = root / "digit_classifier.msgpack"
-  with open(root / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not path.exists():
-      tmp = root / "digit_classifier.tmp.msgpack"
-      classifier.save_classifier(tmp, classifier.train_classifier(seed=0))  # the default, as in use
-      os.replace(tmp, path)
-    fcntl.flock(lock, fcntl.LOCK_UN)
-  return path
+
+  def build(root):
+    root.mkdir(parents=True)
+    classifier.save_classifier(root / "digit_classifier.msgpack", classifier.train_classifier(seed=0))  # the default
+
+  return build_once(tmp_path_factory, "clf", build) / "digit_classifier.msgpack"
+
+
+# ------------------------------------------------------------------ xdist: the slowest work first
+# `make test` runs `pytest -n 2`. xdist's default scheduling hands out tests in file order, in
+# chunks, so a test that takes minutes can start late and leave one worker running alone at the
+# end. Here the work is handed out one unit at a time to whichever worker is free: the units in
+# SLOW_FIRST first (roughly slowest first, as measured on 2 CPU cores), then the rest in file order.
+# A unit is one test in the modules of SPLIT_MODULES (independent, individually slow tests) and a
+# whole module otherwise, so that module-scoped fixtures (a compiled train step, model weights)
+# are set up once, on one worker. tests/test_multiprocess.py is one unit on purpose: its
+# 2-process jobs then never run at the same time as each other (on 2 cores, two of them at once
+# starve the processes' coordination barriers). This only changes where and when tests run,
+# never what runs. It applies to the default `--dist load`; an explicit --dist mode is left alone.
+
+SPLIT_MODULES = frozenset({
+    "tests/test_train.py", "tests/test_faults.py", "tests/test_sampling.py", "tests/test_bench.py",
+    "tests/test_model.py", "tests/test_evaluate_cli.py", "tests/test_workdir.py",
+})
+SLOW_FIRST = (   # module paths (units) or node ids (a parametrized test: all its cases)
+    "tests/test_multiprocess.py",
+    "tests/test_train.py::test_eight_devices_match_one_and_restore_on_one",
+    "tests/test_evaluation.py",
+    "tests/test_train.py::test_rank_zero_and_full_rank_checkpoint_and_resume",
+    "tests/test_train_step_hand.py",
+    "tests/test_faults.py::test_sigterm_saves_exits_0_and_resumes_bitwise",
+    "tests/test_workdir.py::test_train_finetunes_a_converted_workdir",
+    "tests/test_model.py::test_b16_init_and_jitted_forward",
+    "tests/test_bench.py::test_bench_script_prints_one_json_line",
+    "tests/test_train.py::test_imagenet_h16_train_step_lowers_on_8_fake_devices",
+    "tests/test_train.py::test_nonfinite_loss_is_reported_and_not_saved",
+    "tests/test_sampling.py::test_images_do_not_depend_on_device_count",
+    "tests/test_faults.py::test_error_in_the_loop_keeps_the_checkpoint_and_is_reported_once",
+    "tests/test_workdir.py::test_converted_workdir_is_sampled_and_scored_by_the_clis",
+)
+
+
+def work_unit(nodeid: str) -> str:
+  module = nodeid.split("::", 1)[0]
+  return nodeid if module in SPLIT_MODULES else module
+
+
+def _slow_rank(unit: str) -> int:
+  for i, prefix in enumerate(SLOW_FIRST):
+    if unit == prefix or unit.startswith(prefix + "["):
+      return i
+  return len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+  """On the xdist workers (each collects the same, so they agree): the order the scheduler hands
+  the units out in. Stable: a module unit stays together and in file order."""
+  if hasattr(config, "workerinput") and config.workerinput.get("asymflow_slow_first"):
+    order = {id(item): (_slow_rank(work_unit(item.nodeid)), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[id(item)])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """xdist controller -> worker: whether this run uses the scheduler below."""
+  node.workerinput["asymflow_slow_first"] = node.config.getvalue("dist") == "load"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=import-outside-toplevel
+
+  class SlowFirstScheduling(LoadScopeScheduling):
+    """LoadScopeScheduling with the units above, handed out in collection order (not by size)."""
+
+    def _split_scope(self, nodeid):
+      return work_unit(nodeid)
+
+    def schedule(self):
+      reorder = self.config.option.loadscopereorder
+      self.config.option.loadscopereorder = False
+      try:
+        super().schedule()
+      finally:
+        self.config.option.loadscopereorder = reorder
+
+  return SlowFirstScheduling(config, log)

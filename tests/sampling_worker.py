@@ -22,19 +22,24 @@ def perturbed_tiny_model():
   cfg = jit_lib.jit_config("tiny", in_channels=1, hidden_size=32, depth=2, num_heads=2, in_context_len=2)
   model = jit_lib.JiT(cfg)
   basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0], jnp.float32)
-  params = asymjit.init_params(model, jax.random.key(0), basis)
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  # one compiled init (run eagerly it compiles hundreds of small programs), perturbed on the host
+  params = jax.jit(lambda b: asymjit.init_params(model, jax.random.key(0), b))(basis)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(np.float32)),
+                        params)
   return model, params, basis
 
 
-def main():
+def generate_images():
+  """The 16 images, sampled over every device of this process (also called in the test process)."""
   model, params, basis = perturbed_tiny_model()
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  images = sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 16, seed=7, guidance=2.0,
-                                     interval=(0.0, 0.88), num_steps=4, method="heun")
-  np.savez(sys.argv[1], images=images, devices=jax.device_count())
+  return sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 16, seed=7, guidance=2.0,
+                                   interval=(0.0, 0.88), num_steps=4, method="heun")
+
+
+def main():
+  np.savez(sys.argv[1], images=generate_images(), devices=jax.device_count())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from asymflow_jax import checkpoint
 from asymflow_jax import config as config_lib
 from asymflow_jax import experiment
 from asymflow_jax import sharding as shd
-from tests.conftest import subprocess_env
+from tests.conftest import build_once, subprocess_env
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,14 +44,15 @@ def _final_params(workdir):
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def straight(tmp_path_factory):
-  """An uninterrupted 6-step run (checkpoints at 2, 4, 6)."""
-  wd = tmp_path_factory.mktemp("straight") / "wd"
-  proc = _train(wd)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "completed at step 6" in proc.stderr
-  return wd
+  """An uninterrupted 6-step run (checkpoints at 2, 4, 6), made once per test run by the training CLI
+  (the xdist workers share it). Read only: tests that change it work on a copy."""
+  def build(root):
+    proc = _train(root / "wd")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "completed at step 6" in proc.stderr
+  return build_once(tmp_path_factory, "faults-straight-6", build) / "wd"
 
 
 def test_error_in_the_loop_keeps_the_checkpoint_and_is_reported_once(tmp_path):
@@ -71,7 +72,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_exits_130(tmp_path):
   assert _steps(tmp_path / "wd") == ["2"]
 
 
-def test_sigterm_saves_exits_0_and_resumes_bitwise(tmp_path, straight):
+def test_sigterm_saves_exits_0_and_resumes_bitwise(request, tmp_path):
   wd = tmp_path / "wd"
   proc = _train(wd, fault="sigterm", at=3)   # SIGTERM arrives while step 3 is prepared
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,6 +81,7 @@ def test_sigterm_saves_exits_0_and_resumes_bitwise(tmp_path, straight):
   proc = _train(wd)
   assert proc.returncode == 0 and "resumed from step 3" in proc.stderr, proc.stderr[-3000:]
   assert _steps(wd) == ["3", "4", "6"]   # keep = 3 newest
+  straight = request.getfixturevalue("straight")   # late: if another xdist worker makes it, meanwhile
   want, got = _final_params(straight), _final_params(wd)
   assert want.keys() == got.keys()
   for k in want:
@@ -127,9 +129,11 @@ def test_resume_with_a_changed_model_stops_and_keeps_the_stored_config(tmp_path,
   assert "model.depth: 2 -> 3" in proc.stderr and "model.rank: 4 -> 2" in proc.stderr
   assert "does not match the one stored in" in proc.stderr
   assert (wd / "config.json").read_bytes() == stored
-  # sampling still opens the workdir
-  proc = _run(["-m", "asymflow_jax.sample", f"--workdir={wd}", "--num=2", "--steps=1", f"--out={tmp_path / 's'}"])
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  # sampling still opens the workdir (the sample CLI's main, in this process)
+  from asymflow_jax import sample
+  assert sample.main([f"--workdir={wd}", "--num=2", "--steps=1", f"--out={tmp_path / 's'}"]) == 0
+  with np.load(tmp_path / "s.npz") as f:
+    assert f["images"].shape == (2, 32, 32, 1)
 
 
 def _restore(wd, capsys):
@@ -193,16 +197,23 @@ def test_fingerprint_sees_every_single_bit_flip():
       assert checkpoint.fingerprints({"a": {"x": flipped.view(np.float32).reshape(x.shape)}})[0]["a"] != base
 
 
-def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight):
+def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight, capsys):
+  from asymflow_jax import sample
   cases = [(["--guidance=nan"], "--guidance=nan: expected a finite number >= 0"),
            (["--num=0"], "--num=0: expected at least 1 image"),
            (["--batch=-3"], "--batch=-3: expected at least 1"),
            (["--steps=0"], "--steps=0: expected at least 1"),
            (["--interval", "0.8", "0.2"], "--interval 0.8 0.2: expected 0 <= LO <= HI <= 1"),
            (["--ema=3"], "--ema=3: the run has 1 EMA tree(s)")]
+  # the real command line once (the exit status of the process) ...
+  proc = _run(["-m", "asymflow_jax.sample", f"--workdir={straight}", *cases[0][0]])
+  assert proc.returncode == 2 and cases[0][1] in proc.stderr, proc.stderr[-1500:]
+  # ... and every case through the CLI's main in this process (SystemExit(2) is that exit status)
   for extra, needle in cases:
-    proc = _run(["-m", "asymflow_jax.sample", f"--workdir={straight}", *extra])
-    assert proc.returncode == 2 and needle in proc.stderr, (extra, proc.stderr[-1500:])
+    with pytest.raises(SystemExit) as exit_:
+      sample.main([f"--workdir={straight}", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and needle in err, (extra, err[-1500:])
   assert not (straight / "samples" / "sample_0000006.png").exists()
 
 
@@ -219,16 +230,18 @@ def test_nan_weights_and_nan_reference_statistics_fail_loudly(tmp_path, straight
   mngr.close()
   proc = _run(["-m", "asymflow_jax.sample", f"--workdir={wd}", "--num=2", "--steps=1", f"--out={tmp_path / 's'}"])
   assert proc.returncode == 1 and "item 'ema_0' holds NaN or Inf values" in proc.stderr, proc.stderr[-2000:]
-  assert not (tmp_path / "s.png").exists()
+  assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.npz").exists()
   # NaN reference statistics: an error, not "fid": NaN
   np.savez(tmp_path / "ref.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
   np.savez(tmp_path / "images.npz", images=np.zeros((20, 32, 32, 3), np.uint8))
   from asymflow_jax.evaluation import inception
   inception.save_inception_npz(tmp_path / "inc.npz", inception.random_inception_variables(jax.random.key(0)))
-  proc = _run(["-m", "asymflow_jax.evaluate", f"--images={tmp_path / 'images.npz'}", "--metric=fid",
-               f"--inception={tmp_path / 'inc.npz'}", f"--reference={tmp_path / 'ref.npz'}"])
-  assert proc.returncode == 1 and "contain NaN or Inf values" in proc.stderr, proc.stderr[-2000:]
-  assert '"fid"' not in proc.stdout
+  from asymflow_jax import evaluate   # the evaluate CLI's main, in this process
+  capsys.readouterr()
+  assert evaluate.main([f"--images={tmp_path / 'images.npz'}", "--metric=fid", f"--inception={tmp_path / 'inc.npz'}",
+                        f"--reference={tmp_path / 'ref.npz'}"]) == 1
+  out, err = capsys.readouterr()
+  assert "contain NaN or Inf values" in err and '"fid"' not in out, err[-2000:]
 
 
 def test_evaluation_inputs_are_checked_before_any_image_is_generated(tmp_path, straight, monkeypatch, capsys):
@@ -247,10 +260,47 @@ def test_evaluation_inputs_are_checked_before_any_image_is_generated(tmp_path, s
     config_lib.validate_config(c, 1)
 
 
-@pytest.mark.parametrize("module", ["asymflow_jax.train", "asymflow_jax.sample", "asymflow_jax.evaluate",
-                                    "asymflow_jax.convert", "asymflow_jax.demo", "asymflow_jax.subspace",
-                                    "asymflow_jax.data.prep"])
-def test_every_cli_help_exits_0(module):
-  proc = _run(["-m", module, "--help"], timeout=120)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "usage" in proc.stdout.lower() or "--workdir" in proc.stdout, proc.stdout[:500]
+CLIS = ["asymflow_jax.train", "asymflow_jax.sample", "asymflow_jax.evaluate", "asymflow_jax.convert", "asymflow_jax.demo",
+        "asymflow_jax.subspace", "asymflow_jax.data.prep"]
+
+# `python -m MODULE --help` for every CLI from one interpreter: the libraries they all import are
+# imported once, then each command runs in a forked child (its own process: own exit status, own
+# absl flags, its module run as __main__ as `python -m` does).
+_HELP_SCRIPT = """
+import json, os, runpy, sys, traceback
+import jax, flax.linen, optax, orbax.checkpoint  # noqa: F401  (shared by the children)
+results = {}
+for module in sys.argv[1:]:
+  sys.stdout.flush(); sys.stderr.flush()
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    os.close(r)
+    os.dup2(w, 1)
+    sys.argv = [module, "--help"]
+    code = 0
+    try:
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+      code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+  os.close(w)
+  with os.fdopen(r) as f:
+    out = f.read()
+  results[module] = dict(code=os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stdout=out)
+print("HELP_RESULTS " + json.dumps(results))
+"""
+
+
+def test_every_cli_help_exits_0():
+  proc = _run(["-c", _HELP_SCRIPT, *CLIS], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.split("HELP_RESULTS ", 1)[1])
+  assert list(results) == CLIS
+  assert {m: r["code"] for m, r in results.items()} == dict.fromkeys(CLIS, 0), proc.stderr[-3000:]
+  for module, r in results.items():
+    assert "usage" in r["stdout"].lower() or "--workdir" in r["stdout"], (module, r["stdout"][:500])

@@ -7,8 +7,6 @@ therefore reads the concatenation of the two per-process pipelines (``--emulate_
 which is exactly the global batch the 2 processes assemble.
 """
 
-import contextlib
-import fcntl
 import json
 import os
 import pathlib
@@ -24,9 +22,14 @@ import pytest
 
 from PIL import Image
 
+import jax
+
 from asymflow_jax import distributed
 from asymflow_jax import image_io
-from tests.conftest import FAST_XLA_FLAGS
+from asymflow_jax import sample
+from asymflow_jax import trainer
+from tests.conftest import FAST_XLA_FLAGS, build_once
+from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = "tests/multiprocess_worker.py"
@@ -34,28 +37,10 @@ MESH = "2,2,1"   # data=2 x fsdp=2 over 2 processes x 2 devices: parameters shar
 TIMEOUT = 420
 
 
-_SHARED = {}   # per test run: a folder all xdist workers share (the 2-process run, the compile cache)
-
-
-def _shared_root(tmp_path_factory) -> pathlib.Path:
-  if "root" not in _SHARED:
-    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    root = (tmp_path_factory.getbasetemp().parent / f"mp-{uid}") if uid else (tmp_path_factory.getbasetemp() / "mp")
-    root.mkdir(parents=True, exist_ok=True)
-    _SHARED["root"] = root
-  return _SHARED["root"]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _compile_cache(tmp_path_factory):
-  """A persistent XLA compile cache for the worker subprocesses: compiling dominates their runtime."""
-  _SHARED["cache"] = str(_shared_root(tmp_path_factory) / "jax_cache")
-
-
 def _env(devices=None):
+  # os.environ holds the test run's persistent compile cache (tests/conftest.py): the worker
+  # subprocesses share it with each other and with the in-process runs of the tests
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  if "cache" in _SHARED:
-    env.update(JAX_COMPILATION_CACHE_DIR=_SHARED["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env["XLA_FLAGS"] = FAST_XLA_FLAGS   # the launcher appends each process's device count
   if devices:
     env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
@@ -91,37 +76,29 @@ def _params(path):
     return {k: f[k] for k in f.files if k.startswith("[")}
 
 
+def _flat(params):
+  """As the worker writes them: ``keystr(path) -> array``."""
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
-@contextlib.contextmanager
-def _locked(path):
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
   """2 processes x 2 devices, 4 steps, checkpoints at 2 and 4; computed once per test run (xdist-safe)."""
-  root = _shared_root(tmp_path_factory)
-  workdir, out, done = root / "uninterrupted", root / "uninterrupted.npz", root / "uninterrupted.stdout"
-  with _locked(root / "lock"):
-    if not done.exists():
-      shutil.rmtree(workdir, ignore_errors=True)
-      stdout = _two_processes(workdir, 4, out)
-      done.write_text(stdout)
-  return dict(workdir=workdir, out=out, stdout=done.read_text())
+  def build(root):
+    root.mkdir(parents=True)
+    (root / "stdout").write_text(_two_processes(root / "wd", 4, root / "final.npz"))
+  root = build_once(tmp_path_factory, "mp-uninterrupted", build)
+  return dict(workdir=root / "wd", out=root / "final.npz", stdout=(root / "stdout").read_text())
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(request, tmp_path):
   _one_process(tmp_path / "one", 4, tmp_path / "one.npz", 4, f"--mesh={MESH}", "--emulate_processes=2")
-  uninterrupted = request.getfixturevalue("uninterrupted")   # late: runs in parallel on the other worker
+  uninterrupted = request.getfixturevalue("uninterrupted")   # late: if another xdist worker makes it, meanwhile
   infos = sorted(_infos(uninterrupted["stdout"]), key=lambda i: i["process_index"])
   assert [(i["process_index"], i["process_count"], i["device_count"], i["local_device_count"], i["step"])
           for i in infos] == [(0, 2, 4, 2, 4), (1, 2, 4, 2, 4)]
@@ -170,34 +147,36 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(request, tmp
 
 
 def test_two_process_checkpoint_restores_in_one_process(uninterrupted, tmp_path):
+  # in this pytest process: 1 process x 1 device
+  assert jax.process_count() == 1 and jax.device_count() == 1
   workdir = tmp_path / "copy"
   shutil.copytree(uninterrupted["workdir"], workdir)
-  # num_steps = 4 = the latest checkpoint: train() only restores, on 1 process x 1 device
-  _one_process(workdir, 4, tmp_path / "restored.npz", 1)
-  want, got = _params(uninterrupted["out"]), _params(tmp_path / "restored.npz")
-  assert want.keys() == got.keys()
+  # num_steps = 4 = the latest checkpoint: train() only restores
+  restored = trainer.train(tiny_train_config(4), str(workdir), progress=False)
+  assert restored.status == trainer.COMPLETED and int(restored.state.step) == 4
+  want, got = _params(uninterrupted["out"]), _flat(restored.state.params)
+  assert want.keys() == got.keys() and len(want) > 10
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # the 2-process run's end-of-training grid (EMA, seed config.seed + 1 = 1, the config's sampler) is
-  # reproduced pixel for pixel by sampling the same checkpoint in 1 process: images do not depend on
-  # the number of hosts
+  # reproduced pixel for pixel by sampling the same checkpoint in 1 process with the sample CLI:
+  # images do not depend on the number of hosts
+  num = tiny_train_config().sample.num_images
   grid = np.asarray(Image.open(workdir / "samples" / "step_0000004.png"))
-  proc = subprocess.run([sys.executable, "-m", "asymflow_jax.sample", f"--workdir={workdir}", "--num=100",
-                         "--seed=1", f"--out={tmp_path / 'one'}"], env=_env(1), cwd=REPO, capture_output=True,
-                        text=True, timeout=TIMEOUT)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sample.main([f"--workdir={workdir}", f"--num={num}", "--seed=1", f"--out={tmp_path / 'one'}"]) == 0
   one = np.load(tmp_path / "one.npz")["images"]
+  assert one.shape == (num, 32, 32, 1)
   upscale = 4   # 128 // 32, as the trainer writes it
   np.testing.assert_array_equal(grid[::upscale, ::upscale], image_io.image_grid(one, cols=10)[..., 0])
   assert one.std() > 5
   # and training continues there to step 6
-  stdout = _one_process(workdir, 6, tmp_path / "six.npz", 1)
-  assert _infos(stdout)[0]["step"] == 6 and _infos(stdout)[0]["process_count"] == 1
+  six = trainer.train(tiny_train_config(6), str(workdir), progress=False)
+  assert six.status == trainer.COMPLETED and int(six.state.step) == 6
   losses = _losses(workdir)
   assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in losses)
   assert losses[:4] == _losses(uninterrupted["workdir"])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
-  six = _params(tmp_path / "six.npz")
+  six = _flat(six.state.params)
   assert any(not np.array_equal(six[k], want[k]) for k in want)
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from asymflow_jax import experiment
 from asymflow_jax import objective
 from asymflow_jax import trainer
 from asymflow_jax.models import asymjit
-from tests.conftest import subprocess_env
+from tests.conftest import build_once, subprocess_env
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +40,35 @@ def _losses(workdir):
 
 def _flat(params):
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+  """An uninterrupted 4-step run of the tiny config on this single-device process (checkpoints at 2
+  and 4), trained once per test run (xdist workers share it): the reference of the resume test
+  and of the 1 vs 8 devices test. Read only: copy the workdir before resuming in it."""
+  def build(root):
+    state = trainer.train(tiny_train_config(4), str(root / "wd"), progress=False).state
+    assert int(state.step) == 4 and jax.device_count() == 1
+    np.savez(root / "final.npz", **{"params" + k: v for k, v in _flat(state.params).items()},
+             **{"ema" + k: v for k, v in _flat(state.ema[0]).items()})
+  root = build_once(tmp_path_factory, "train-straight-4", build)
+  with np.load(root / "final.npz") as f:
+    params = {k[len("params"):]: f[k] for k in f.files if k.startswith("params")}
+    ema = {k[len("ema"):]: f[k] for k in f.files if k.startswith("ema")}
+  return dict(workdir=root / "wd", params=params, ema=ema)
+
+
+def _resume_after_a_kill(straight_workdir, workdir, config):
+  """The run of ``straight_workdir`` as a kill during step 4 leaves it (checkpoint 2 committed,
+  metrics of steps 1-3 logged, nothing of step 4), then resumed to ``config.num_steps``."""
+  shutil.copytree(straight_workdir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  shutil.rmtree(workdir / "samples", ignore_errors=True)
+  rows = (workdir / "metrics.jsonl").read_text().splitlines()
+  (workdir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= 3))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  return trainer.train(config, str(workdir), progress=False).state
 
 
 def test_sigma_sampler_and_schedule():
@@ -62,18 +92,20 @@ def test_flow_loss_matches_direct_formula():
   c.prob_class = 1.0
   model = experiment.model_from_config(c)
   basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0], jnp.float32)
-  params = asymjit.init_params(model, jax.random.key(1), basis)
+  # (jitted: run eagerly, the network's init and forward compile hundreds of small programs)
+  params = jax.jit(lambda k: asymjit.init_params(model, k, basis))(jax.random.key(1))
   rng = np.random.default_rng(1)
   batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32), label=jnp.arange(4))
   key = jax.random.key(3)
-  loss, aux = objective.flow_loss(params, batch, key, basis, 1.0, model=model, config=c)
+  loss, aux = jax.jit(lambda p, b, k: objective.flow_loss(p, b, k, basis, 1.0, model=model, config=c))(params, batch, key)
   # rebuild the same draws and the loss by hand: w = sigma / max(sigma, 0.05), target eps - x0
   _, k_sigma, k_noise, _ = jax.random.split(key, 4)
   sigma = objective.sample_sigma(k_sigma, 4, c)
   noise = jax.random.normal(k_noise, (4, 32, 32, 1))
   x0 = batch["image"]
   x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-  u = asymjit.asymjit_apply(model, params, x_t, sigma, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN)
+  u = jax.jit(lambda p, x, s: asymjit.asymjit_apply(model, p, x, s, batch["label"], basis,
+                                                    sigma_min=af.TRAIN_SIGMA_MIN))(params, x_t, sigma)
   w = np.asarray(sigma / np.maximum(sigma, 0.05))[:, None, None, None]
   want = np.mean((w * (np.asarray(u) - (np.asarray(noise) - np.asarray(x0)))) ** 2)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
@@ -110,38 +142,44 @@ def test_bad_configs_fail_fast_with_clear_messages():
     config_lib.validate_config(c, num_devices=1)
 
 
-def test_resume_is_exact(tmp_path):
-  straight = trainer.train(tiny_train_config(4), str(tmp_path / "a"), progress=False).state
-  trainer.train(tiny_train_config(2), str(tmp_path / "b"), progress=False).state   # "killed" after step 2
-  resumed = trainer.train(tiny_train_config(4), str(tmp_path / "b"), progress=False).state
-  assert int(resumed.step) == int(straight.step) == 4
-  for k, v in _flat(straight.params).items():
-    np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
-  np.testing.assert_array_equal(np.asarray(resumed.ema[0]["final_layer"]["linear"]["kernel"]),
-                                np.asarray(straight.ema[0]["final_layer"]["linear"]["kernel"]))
-  # the same batches were seen after the restart: identical losses at steps 3 and 4
-  la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+def test_resume_is_exact(straight, tmp_path):
+  resumed = _resume_after_a_kill(straight["workdir"], tmp_path / "b", tiny_train_config(4))
+  assert int(resumed.step) == 4
+  flat = _flat(resumed.params)
+  assert flat.keys() == straight["params"].keys()
+  for k, v in straight["params"].items():
+    np.testing.assert_array_equal(flat[k], v, err_msg=k)
+  flat = _flat(resumed.ema[0])
+  assert flat.keys() == straight["ema"].keys()
+  for k, v in straight["ema"].items():
+    np.testing.assert_array_equal(flat[k], v, err_msg=k)
+  # the same batches were seen after the restart: identical losses at steps 3 and 4, and the step-3
+  # row of the killed run was replaced, not repeated
+  la, lb = _losses(straight["workdir"]), _losses(tmp_path / "b")
   assert la[3] == lb[3] and la[4] == lb[4]
+  assert [json.loads(r)["step"] for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
   # the subspace, optimizer state and step live in the checkpoint
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["2", "4"]
   # TensorBoard scalars next to metrics.jsonl, incl. the loss by sigma bucket
-  events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+  events = list((straight["workdir"] / "tensorboard").glob("events.out.tfevents.*"))
   assert events and events[0].stat().st_size > 0
-  with open(tmp_path / "a" / "metrics.jsonl") as f:
+  with open(straight["workdir"] / "metrics.jsonl") as f:
     first = json.loads(f.readline())
   assert {"loss", "grad_norm", "lr", "img_per_s"} <= set(first) and any(k.startswith("loss_sigma_") for k in first)
 
 
-def test_eight_devices_match_one_and_restore_on_one(tmp_path):
-  one = _run_worker(tmp_path / "one", 4, tmp_path / "one.npz", devices=1)
+def test_eight_devices_match_one_and_restore_on_one(request, tmp_path):
   eight = _run_worker(tmp_path / "eight", 4, tmp_path / "eight.npz", devices=8, mesh="2,4,1")
-  assert int(one["num_devices"]) == 1 and int(eight["num_devices"]) == 8
-  l1, l8 = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  straight = request.getfixturevalue("straight")   # late: the other worker may be training it meanwhile
+  one = straight["params"]                         # the same run on this single-device process
+  assert int(eight["num_devices"]) == 8 and jax.device_count() == 1
+  l1, l8 = _losses(straight["workdir"]), _losses(tmp_path / "eight")
+  assert sorted(l1) == sorted(l8) == [1, 2, 3, 4]
   for step in range(1, 5):
     assert abs(l1[step] - l8[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l8[step])
+  assert one.keys() == set(eight) - {"num_devices"} and len(one) > 10
   for k in one:
-    if k != "num_devices":
-      np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
   # the 8-device checkpoint restores on this single-device process and training continues
   state = trainer.train(tiny_train_config(6), str(tmp_path / "eight"), progress=False).state
   assert int(state.step) == 6
@@ -199,8 +237,9 @@ def test_rank_zero_and_full_rank_checkpoint_and_resume(tmp_path, rank, projected
     c.model.rank, c.model.projected_init = rank, projected_init
     return c
   straight = trainer.train(config(4), str(tmp_path / "a"), progress=False).state
-  trainer.train(config(2), str(tmp_path / "b"), progress=False).state
-  resumed = trainer.train(config(4), str(tmp_path / "b"), progress=False).state
-  assert resumed.basis.shape == (16, rank)
+  resumed = _resume_after_a_kill(tmp_path / "a", tmp_path / "b", config(4))
+  assert straight.basis.shape == resumed.basis.shape == (16, rank)
+  assert int(resumed.step) == 4
   for k, v in _flat(straight.params).items():
     np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
+  assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
