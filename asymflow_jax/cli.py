@@ -20,7 +20,8 @@ def add_sampler_args(parser: argparse.ArgumentParser):
   parser.add_argument("--interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                       help="guidance interval in sigma, 0 <= LO <= HI <= 1")
   parser.add_argument("--steps", type=int, default=None, help="sampler steps (>= 1)")
-  parser.add_argument("--method", choices=sampling.METHODS, default=None)
+  parser.add_argument("--method", choices=sampling.METHODS + ("unipc",), default=None,
+                      help="euler | heun (class-conditional) or unipc (text-to-image)")
   parser.add_argument("--ema", type=int, default=0, help="EMA index (-1 = raw params)")
   parser.add_argument("--seed", type=int, default=0)
 

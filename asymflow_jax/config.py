@@ -21,7 +21,8 @@ from asymflow_jax import sampling
 from asymflow_jax import sharding as shd
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.data import sources
-from asymflow_jax.models import jit_model
+from asymflow_jax.data import t2i
+from asymflow_jax.models import backbone, flux2, jit_model
 
 DTYPES = ("float32", "bfloat16")
 SUBSPACE_KINDS = ("pca", "random", "file")
@@ -29,6 +30,8 @@ EVAL_METRICS = ("fdd", "fid")
 OBJECTIVES = ("flow", "asymflow_vr")
 EMA_POLICIES = ("fixed", "karras")
 COLOR_SPACES = ("rgb", "oklab")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+T2I_METHODS = ("unipc",)      # the text-to-image sampler (asymflow_jax.t2i_sampling)
 IS_SPLITS = 10   # Inception Score splits: evaluation needs at least this many images
 
 
@@ -45,6 +48,36 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   m.remat = False
   m.remat_policy = "nothing_saveable"
   m.color_space = "rgb"         # pixel representation: rgb (identity on [-1, 1]) | oklab (normalised, spec s8)
+  # backbone: jit (AsymJiT, the fields above) | asymflux2 (a lifted FLUX.2, text-to-image; spec s8). For
+  # asymflux2 the transformer is model.flux2 (the *latent* FLUX.2 config, diffusers field names) and the
+  # JiT-only fields (hidden_size, depth, bottleneck_dim, ...) are unused; input_size, patch_size,
+  # in_channels, rank (= the latent token width), dtype, remat and color_space apply to both.
+  m.family = "jit"
+  m.attention_impl = "einsum"   # asymflux2: einsum (explicit float32 softmax, exact parity) | dot_product_attention
+                                # (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
+  m.text_length = 512           # asymflux2: prompt tokens per example (the klein pipeline's max_sequence_length)
+  m.flux2 = ml_collections.ConfigDict(_flux2_fields(flux2.flux2_klein_9b()))
+  return m
+
+
+def _flux2_fields(cfg: flux2.Flux2Config) -> dict:
+  d = cfg.to_dict()
+  d.pop("out_channels")         # the pixel model's output width is p*p*C
+  d["axes_dims_rope"] = tuple(d["axes_dims_rope"])
+  return d
+
+
+def asymflux2_model_config(input_size: int = 1024, *, latent: flux2.Flux2Config | None = None,
+                           **overrides) -> ml_collections.ConfigDict:
+  """``config.model`` of an AsymFLUX.2 (spec s8): FLUX.2 klein base 9B (or ``latent``) lifted to
+  16x16 pixel patches, RGB in Oklab, rank 128 (the latent token width)."""
+  latent = latent or flux2.flux2_klein_9b()
+  m = model_config("tiny")
+  m.family, m.size = "asymflux2", "flux2"
+  m.flux2 = ml_collections.ConfigDict(_flux2_fields(latent))
+  m.update(input_size=input_size, patch_size=16, in_channels=3, rank=latent.in_channels, projected_init=False,
+           color_space="oklab", num_classes=1)
+  m.update(overrides)
   return m
 
 
@@ -97,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.interval = (0.0, 0.88)
   c.sample.num_images = 64
   c.sample.sigma_min = 4e-2     # recovery clamp at inference (ImageNet 4e-2; the latent lift keeps 1e-4)
+  # text-to-image (model.family='asymflux2', method 'unipc'): spec s8 uses 32 steps, guidance 4, orthogonal 1
+  c.sample.orthogonal = 0.0     # orthogonal-guidance weight (0 = plain CFG)
+  c.sample.shift = 0.0          # sigma shift of the UniPC schedule; 0 = the dynamic shift of the resolution
+  c.sample.clamp_denoised = True
   # in-training evaluation (samples with the settings above), logged as eval_* scalars
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0              # 0 = off
@@ -201,7 +238,11 @@ def _numeric_errors(c) -> list[str]:
   _check(e, finite(c.loss_sigma_min) and c.loss_sigma_min > 0, "loss_sigma_min", c.loss_sigma_min,
          "a finite number > 0")
   s = c.sample
-  _check(e, s.method in sampling.METHODS, "sample.method", s.method, f"one of {sampling.METHODS}")
+  methods = T2I_METHODS if c.model.get("family", "jit") == "asymflux2" else sampling.METHODS
+  _check(e, s.method in methods, "sample.method", s.method, f"one of {methods} for model.family="
+         f"{c.model.get('family', 'jit')!r}")
+  _check(e, finite(s.orthogonal) and 0 <= s.orthogonal <= 1, "sample.orthogonal", s.orthogonal, "a number in [0, 1]")
+  _check(e, finite(s.shift) and s.shift >= 0, "sample.shift", s.shift, "a number >= 0 (0 = dynamic)")
   _check(e, finite(s.guidance) and s.guidance >= 0, "sample.guidance", s.guidance, "a finite number >= 0")
   iv = tuple(s.interval) if isinstance(s.interval, (tuple, list)) else ()
   _check(e, len(iv) == 2 and all(finite(v) for v in iv) and 0 <= iv[0] <= iv[1] <= 1, "sample.interval",
@@ -272,9 +313,10 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     errors.append(f"model input {m.input_size}x{m.input_size}x{m.in_channels} does not match the data "
                   f"{config.data.image_size}x{config.data.image_size}x{config.data.num_channels}.")
   d = m.patch_size ** 2 * m.in_channels
+  errors += _family_errors(config, training)
   if not isinstance(m.rank, int) or not 0 <= m.rank <= d:
     errors.append(f"config.model.rank={m.rank} is outside [0, D={d}] (D = patch_size^2 * in_channels).")
-  elif m.projected_init and m.rank > m.bottleneck_dim:
+  elif m.projected_init and m.family == "jit" and m.rank > m.bottleneck_dim:
     errors.append(f"config.model.rank={m.rank} exceeds bottleneck_dim={m.bottleneck_dim}: the projected init "
                   "writes the basis into the first r bottleneck channels. Set config.model.projected_init=False "
                   "(e.g. for r = D, plain velocity prediction) or lower the rank.")
@@ -312,6 +354,36 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def _family_errors(config, training: bool) -> list[str]:
+  """The backbone family and, for asymflux2, its FLUX.2 fields, rank and data."""
+  m = config.model
+  if m.family not in backbone.FAMILIES:
+    return [f"config.model.family={m.family!r}: expected one of {backbone.FAMILIES}."]
+  text_data = config.data.source == "t2i"
+  if m.family == "jit":
+    return [f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
+            f"{m.family!r}."] if text_data and training else []
+  errors = []
+  try:
+    latent = flux2.Flux2Config.from_dict(dict(m.flux2))
+  except (TypeError, ValueError) as e:
+    return [f"config.model.flux2 is not a valid FLUX.2 config: {e}"]
+  if m.rank != latent.in_channels:
+    errors.append(f"config.model.rank={m.rank}: an AsymFLUX.2 basis maps the latent tokens, so the rank must be "
+                  f"model.flux2.in_channels={latent.in_channels}.")
+  if m.attention_impl not in ATTENTION_IMPLS:
+    errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
+  if not (isinstance(m.text_length, int) and m.text_length >= 1):
+    errors.append(f"config.model.text_length={m.text_length!r}: expected an integer >= 1.")
+  if config.prob_class != 1.0:
+    errors.append(f"config.prob_class={config.prob_class}: text-to-image training has no caption dropout (the "
+                  "reference recipe); set it to 1.0.")
+  if training and not text_data:
+    errors.append(f"config.model.family='asymflux2' trains on text-to-image data: set config.data.source='t2i' "
+                  f"(got {config.data.source!r}).")
+  return errors
+
+
 def _data_errors(d, training: bool, check_files: bool) -> list[str]:
   """The data source, its extra arrays, and (training; ``check_files``) an npz file against the config."""
   errors = []
@@ -326,8 +398,17 @@ def _data_errors(d, training: bool, check_files: bool) -> list[str]:
                   "extra arrays (e.g. its latents); set config.data.random_flip=False.")
   if not training:
     return errors
-  if d.source in ("npz", "array_record") and not d.path:
+  if d.source in ("npz", "array_record", "t2i") and not d.path:
     errors.append(f"config.data.source={d.source!r} needs config.data.path.")
+  elif d.source == "t2i" and check_files:
+    try:
+      res = tuple(t2i.read_meta(d.path)["resolution"])
+    except (OSError, ValueError) as e:
+      errors.append(f"config.data.path={d.path!r}: {e}")
+    else:
+      if res != (d.image_size, d.image_size):
+        errors.append(f"config.data.path={d.path!r} holds {res[0]}x{res[1]} images; the config trains at "
+                      f"data.image_size={d.image_size} (square; set it and model.input_size to the dataset's).")
   elif d.source == "npz" and check_files:
     if not epath.Path(d.path).exists():
       errors.append(f"config.data.path={d.path!r} does not exist.")
@@ -372,16 +453,33 @@ def _finetune_errors(config) -> list[str]:
 # ---------------------------------------------------------------------------- resume compatibility
 
 # Fields that do not change the shapes or structure of the checkpointed state.
-_NON_STRUCTURAL_MODEL = ("size", "dtype", "remat", "remat_policy", "attn_dropout", "proj_dropout", "color_space")
+_NON_STRUCTURAL_MODEL = ("size", "dtype", "remat", "remat_policy", "attn_dropout", "proj_dropout", "color_space",
+                         "attention_impl")
 # Finetuning fields that decide which leaves the checkpoint holds.
 _STRUCTURAL_FINETUNE = ("base", "trainable", "lora_rank", "lora_targets")
+
+
+def _structural_model(m) -> dict:
+  """The model section with the family defaulted (older workdirs have none) and the other family's fields dropped."""
+  m = dict(m)
+  m.setdefault("family", "jit")
+  if m["family"] == "jit":
+    m.pop("flux2", None)
+    m.pop("text_length", None)
+  else:
+    for f in ("hidden_size", "depth", "num_heads", "bottleneck_dim", "mlp_ratio", "in_context_len",
+              "in_context_start", "num_classes", "projected_init"):
+      m.pop(f, None)
+  if isinstance(m.get("flux2"), dict):
+    m["flux2"] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m["flux2"].items()}
+  return m
 
 
 def structural_diff(stored, new) -> list[str]:
   """``field: stored -> new`` for each difference that changes the checkpointed state's structure
   (model architecture and rank, number of EMA trees, gradient clipping on/off)."""
   out = []
-  sm, nm = stored.get("model", {}), new.get("model", {})
+  sm, nm = (_structural_model(c.get("model", {})) for c in (stored, new))
   for key in sorted(set(sm) | set(nm)):
     if key not in _NON_STRUCTURAL_MODEL and sm.get(key) != nm.get(key):
       out.append(f"model.{key}: {sm.get(key)!r} -> {nm.get(key)!r}")

@@ -26,9 +26,9 @@ from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.evaluation import lpips
-from asymflow_jax.models import asymjit, finetune, jit_model
+from asymflow_jax.models import backbone, finetune
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = backbone.DTYPES
 
 # Bits of TrainState.nonfinite_kind: what was not finite in the skipped update.
 NONFINITE_LOSS, NONFINITE_GRAD, NONFINITE_UPDATE = 1, 2, 4
@@ -82,13 +82,9 @@ def describe_nonfinite(kind: int) -> str:
 # ------------------------------------------------------------------------------ model & optimizer
 
 
-def model_from_config(config) -> jit_model.JiT:
-  """The JiT backbone with every architecture field of ``config.model``."""
-  m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}.")
-  cfg = jit_model.JiTConfig(**{f.name: m[f.name] for f in dataclasses.fields(jit_model.JiTConfig)})
-  return jit_model.JiT(cfg, dtype=DTYPES[m.dtype], remat=m.remat, remat_policy=m.remat_policy)
+def model_from_config(config):
+  """The backbone of ``config.model`` (``family``: AsymJiT or AsymFLUX.2, see models/backbone.py)."""
+  return backbone.from_config(config.model)
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -239,7 +235,7 @@ class Experiment:
 
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  model: jit_model.JiT
+  model: Any   # the backbone module (models/backbone.py)
   optimizer: optax.GradientTransformation | None
   abstract: TrainState | InferenceState
   shardings: TrainState | InferenceState
@@ -264,13 +260,13 @@ class Experiment:
     config, model, optimizer = self.config, self.model, self.optimizer
     if finetuning(config) != (frozen is not None):
       raise ValueError("a finetuning config (finetune.base set) needs frozen=frozen_networks(...), and only it.")
-    projected = sub.rank > 0 and config.model.projected_init
+    projected = sub.rank > 0 and config.model.projected_init and not backbone.is_text(model)
 
     def init(key, basis, given, base):
       if base is not None:
         p = init_trained(config, base, key)
       else:
-        p = given if given is not None else asymjit.init_params(model, key, basis if projected else None)
+        p = given if given is not None else backbone.init_params(model, key, basis if projected else None)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
                         ema=tuple(p for _ in config.ema_decays), rng=jax.random.fold_in(key, 1),
                         basis=basis, scale=jnp.asarray(sub.scale, jnp.float32),
@@ -285,12 +281,12 @@ class Experiment:
 
 
 def _abstract_train_state(model, optimizer, config) -> TrainState:
-  d = model.config.patch_dim
+  d = backbone.patch_dim(model)
   frozen_extra = ({k: v for k, v in frozen_networks(config, None).items() if k != "params"}
                   if finetuning(config) else None)
 
   def init():
-    params = asymjit.init_params(model, jax.random.key(0))
+    params = backbone.init_params(model, jax.random.key(0))
     frozen = None
     if finetuning(config):
       frozen = dict(params=params, **frozen_extra)
@@ -303,11 +299,25 @@ def _abstract_train_state(model, optimizer, config) -> TrainState:
   return jax.eval_shape(init)
 
 
-def _trained_shardings(config, trained, full_param_sh, repl):
-  """The trainable subset is sharded like the full tree; the small LoRA adapters are replicated."""
+def _trained_shardings(config, trained, full_param_sh):
+  """The trainable subset is sharded like the full tree. A LoRA pair of a kernel (..., in, out)
+  splits its non-rank axis over the kernel's mesh axes for it plus "fsdp": A (..., in, r) as
+  (..., in_axes + fsdp, None), B (..., r, out) as (..., None, out_axes + fsdp), so the adapters (rank
+  256 on a 9B model: ~300M parameters, x4 with Adam and EMA) are never replicated over FSDP and
+  A x B needs no gather of the rank axis. Axes that do not divide a dimension are dropped."""
   sh = finetune.select(full_param_sh, config.finetune.trainable)
   if finetune.LORA in trained:
-    sh[finetune.LORA] = jax.tree.map(lambda _: repl, trained[finetune.LORA])
+    def adapter(path, leaf):
+      names = finetune.path_str(path).split("/")
+      kernel = finetune._get(full_param_sh, names[:-1] + ["kernel"])   # pylint: disable=protected-access
+      spec = tuple(kernel.spec) + (None,) * (leaf.ndim - len(kernel.spec))
+      dim = leaf.ndim - 2 if names[-1] == "a" else leaf.ndim - 1        # the non-rank axis
+      axes = spec[dim] if isinstance(spec[dim], tuple) else tuple(a for a in (spec[dim],) if a)
+      axes = tuple(dict.fromkeys(("fsdp",) + axes))
+      spec = tuple(axes if i == dim else (s if i < leaf.ndim - 2 else None) for i, s in enumerate(spec))
+      return jax.sharding.NamedSharding(kernel.mesh, shd.fit_spec(jax.sharding.PartitionSpec(*spec), leaf.shape,
+                                                                   kernel.mesh))
+    sh[finetune.LORA] = jax.tree_util.tree_map_with_path(adapter, trained[finetune.LORA])
   return sh
 
 
@@ -315,16 +325,16 @@ def trained_target(exp: "Experiment"):
   """Abstract trained tree (ShapeDtypeStructs with shardings) of a finetuning config: the restore
   target of its ``params`` / ``ema_<i>`` items (training or inference experiment)."""
   config = exp.config
-  abstract = jax.eval_shape(lambda: init_trained(config, asymjit.init_params(exp.model, jax.random.key(0)),
+  abstract = jax.eval_shape(lambda: init_trained(config, backbone.init_params(exp.model, jax.random.key(0)),
                                                  jax.random.key(0)))
   full_sh = exp.shardings.frozen["params"] if exp.training else exp.shardings.params
-  sh = _trained_shardings(config, abstract, full_sh, shd.replicated(exp.mesh))
+  sh = _trained_shardings(config, abstract, full_sh)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
 
 
 def _abstract_inference_state(model, config) -> InferenceState:
-  d = model.config.patch_dim
-  return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=flax.linen.meta.unbox(jit_model.abstract_params(model)),
+  d = backbone.patch_dim(model)
+  return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=backbone.abstract_params(model),
                         basis=jax.ShapeDtypeStruct((d, config.model.rank), jnp.float32),
                         scale=jax.ShapeDtypeStruct((), jnp.float32))
 
@@ -337,18 +347,20 @@ def build(config, mesh, *, training: bool) -> Experiment:
   """
   config_lib.validate_config(config, mesh.size, jax.process_count(), training=training, check_files=False)
   model = model_from_config(config)
+  if backbone.is_text(model) and mesh.size > 1:   # keep activations batch-split inside the layer scans
+    model = model.clone(batch_sharding=shd.batch_sharding(mesh, 3))
   if finetuning(config):
-    finetune.check_patterns(flax.linen.meta.unbox(jit_model.abstract_params(model)), config.finetune.trainable,
+    finetune.check_patterns(backbone.abstract_params(model), config.finetune.trainable,
                             config.finetune.lora_targets)
   repl = shd.replicated(mesh)
   if training:
     optimizer = make_optimizer(config)
     abstract = _abstract_train_state(model, optimizer, config)
     full_abstract = abstract.frozen["params"] if finetuning(config) else abstract.params
-    full_sh = shd.logical_to_sharding(jit_model.param_specs(model), full_abstract, mesh)
+    full_sh = shd.logical_to_sharding(backbone.param_specs(model), full_abstract, mesh)
     frozen_sh = None
     if finetuning(config):
-      param_sh = _trained_shardings(config, abstract.params, full_sh, repl)
+      param_sh = _trained_shardings(config, abstract.params, full_sh)
       frozen_sh = {k: (full_sh if k == "params" else jax.tree.map(lambda _: repl, v))
                    for k, v in abstract.frozen.items()}
     else:
@@ -361,7 +373,7 @@ def build(config, mesh, *, training: bool) -> Experiment:
   else:
     optimizer = None
     abstract = _abstract_inference_state(model, config)
-    param_sh = shd.logical_to_sharding(jit_model.param_specs(model), abstract.params, mesh)
+    param_sh = shd.logical_to_sharding(backbone.param_specs(model), abstract.params, mesh)
     shardings = InferenceState(step=repl, params=param_sh, basis=repl, scale=repl)
   return Experiment(config=config, mesh=mesh, model=model, optimizer=optimizer, abstract=abstract,
                     shardings=shardings)

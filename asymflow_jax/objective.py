@@ -33,7 +33,7 @@ from asymflow_jax import experiment
 from asymflow_jax import lift
 from asymflow_jax import sharding as shd
 from asymflow_jax.evaluation import lpips
-from asymflow_jax.models import asymjit, finetune
+from asymflow_jax.models import backbone, finetune
 
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -47,33 +47,29 @@ def sample_sigma(key, batch: int, config) -> jax.Array:
 
 
 def _student(params, frozen, config, k_drop):
-  """(parameter tree, LoRA context) of the model being trained."""
+  """(parameter tree, LoRA adapters or None, interception context, rngs) of the model being trained."""
+  rngs = {"dropout": k_drop}
   if frozen is None:
-    return params, contextlib.nullcontext()
+    return params, None, contextlib.nullcontext(), rngs
   f = config.finetune
-  ctx = finetune.lora_interceptor(params.get(finetune.LORA), scale=experiment.lora_scale(config),
-                                  dropout=f.lora_dropout, rng=jax.random.fold_in(k_drop, 1))
-  return finetune.overlay(frozen["params"], params), ctx
-
-
-def _drop_labels(key, labels, config, num_classes):
-  keep = jax.random.bernoulli(key, config.prob_class, labels.shape)
-  return jnp.where(keep, labels, num_classes)
+  ctx = finetune.lora_interceptor(scale=experiment.lora_scale(config), dropout=f.lora_dropout)
+  rngs[finetune.LORA_DROPOUT] = jax.random.fold_in(k_drop, 1)
+  return finetune.overlay(frozen["params"], params), params.get(finetune.LORA), ctx, rngs
 
 
 def flow_loss(params, batch, key, basis, scale, *, model, config, frozen=None):
   """Flow-matching loss on the recovered velocity. Returns (mean loss, aux with per-sample loss and sigma)."""
-  x0, labels = colorspace.encode(batch["image"], config.model.color_space), batch["label"]
+  x0 = colorspace.encode(batch["image"], config.model.color_space)
   b = x0.shape[0]
   k_label, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
-  labels = _drop_labels(k_label, labels, config, model.config.num_classes)
+  cond = backbone.condition(model, batch, k_label, config.prob_class)
   sigma = sample_sigma(k_sigma, b, config)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = af.add_noise(x0, noise, sigma)
-  student, ctx = _student(params, frozen, config, k_drop)
+  student, lora, ctx, rngs = _student(params, frozen, config, k_drop)
   with ctx:
-    u = asymjit.asymjit_apply(model, student, x_t, sigma, labels, basis, scale=scale,
-                              sigma_min=af.TRAIN_SIGMA_MIN, train=True, rngs={"dropout": k_drop})
+    u = backbone.velocity(model, student, x_t, sigma, cond, basis, scale=scale, sigma_min=af.TRAIN_SIGMA_MIN,
+                          train=True, rngs=rngs, lora=lora)
   w = (sigma / jnp.maximum(sigma, config.loss_sigma_min))[:, None, None, None]
   per_sample = jnp.mean(jnp.square(w * (u - (noise - x0))), axis=(1, 2, 3))
   return jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma)
@@ -86,13 +82,13 @@ def vr_loss(params, batch, key, basis, scale, *, model, config, frozen):
   z (B, h, w, C_l). ``basis`` (D, d) has rows in DiT pixel packing and columns in DiT latent
   packing. Returns (mean loss, aux) with per-sample loss, sigma and the logged terms.
   """
-  v, p = config.vr, model.config.patch_size
+  v, p = config.vr, config.model.patch_size
   space = config.model.color_space
   rgb0 = batch["image"]
   x0 = colorspace.encode(rgb0, space)
   b = x0.shape[0]
   k_label, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
-  labels = _drop_labels(k_label, batch["label"], config, model.config.num_classes)
+  cond = backbone.condition(model, batch, k_label, config.prob_class)
   sigma = jax.nn.sigmoid(config.sigma_mean + config.sigma_std * jax.random.normal(k_sigma, (b,)))
   sigma = config.sigma_shift * sigma / (1 + (config.sigma_shift - 1) * sigma)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -103,13 +99,13 @@ def vr_loss(params, batch, key, basis, scale, *, model, config, frozen):
                      f"image of shape {x0_lr.shape}, but the images have shape {x0.shape}.")
   s4 = sigma[:, None, None, None]
   x_t, x_t_lr = (1 - s4) * x0 + s4 * noise, (1 - s4) * x0_lr + s4 * noise
-  u_ref = asymjit.asymjit_apply(model, frozen["params"], x_t_lr, sigma, labels, basis, scale=scale,
-                                sigma_min=v.teacher_sigma_min, train=False)
+  u_ref = backbone.velocity(model, frozen["params"], x_t_lr, sigma, cond, basis, scale=scale,
+                            sigma_min=v.teacher_sigma_min)
   x0_ref = jax.lax.stop_gradient(x_t_lr - s4 * u_ref)
-  student, ctx = _student(params, frozen, config, k_drop)
+  student, lora, ctx, rngs = _student(params, frozen, config, k_drop)
   with ctx:
-    u = asymjit.asymjit_apply(model, student, x_t, sigma, labels, basis, scale=scale,
-                              sigma_min=af.TRAIN_SIGMA_MIN, train=True, rngs={"dropout": k_drop})
+    u = backbone.velocity(model, student, x_t, sigma, cond, basis, scale=scale, sigma_min=af.TRAIN_SIGMA_MIN,
+                          train=True, rngs=rngs, lora=lora)
   x0_hat = x_t - s4 * u
   d_lr = x0_lr - x0_ref
   coef = af.vr_coefficient(x0 - jax.lax.stop_gradient(x0_hat), d_lr, p, eps=v.coef_eps)
@@ -176,33 +172,50 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
   return new_state, metrics
 
 
-def batch_shardings(mesh, extra_keys=()) -> dict:
-  """Batch-axis shardings of the batch dict: image (4-D), label (1-D), extra 4-D arrays (latents)."""
-  return dict(image=shd.batch_sharding(mesh, 4), label=shd.batch_sharding(mesh, 1),
-              **{k: shd.batch_sharding(mesh, 4) for k in extra_keys})
+def batch_spec(exp: experiment.Experiment, latent_shape=None) -> dict:
+  """{key: (per-example shape, dtype)} of the batches the data pipeline yields for this experiment.
+
+  Class-conditional: image (H, W, C), label (), plus each ``data.extra_keys`` entry with shape
+  ``latent_shape`` (h, w, C_l). Text-to-image (AsymFLUX.2, data source 't2i'): image (H, W, C),
+  latents (H/p, W/p, r) (the cached FLUX.2 tokens), prompt_embeds (L, D_text) bfloat16 with
+  L = ``model.text_length``, num_tokens ().
+  """
+  m = exp.config.model
+  out = dict(image=((m.input_size, m.input_size, m.in_channels), jnp.float32))
+  if backbone.is_text(exp.model):
+    g = m.input_size // m.patch_size
+    out.update(latents=((g, g, m.rank), jnp.float32),
+               prompt_embeds=((m.text_length, exp.model.config.joint_attention_dim), jnp.bfloat16),
+               num_tokens=((), jnp.int32))
+    return out
+  out["label"] = ((), jnp.int32)
+  for k in tuple(exp.config.data.get("extra_keys", ())):
+    if latent_shape is None:
+      raise ValueError(f"the batch has extra key {k!r}: pass latent_shape=(h, w, C) for it.")
+    out[k] = (tuple(latent_shape), jnp.float32)
+  return out
+
+
+def batch_shardings(mesh, spec: dict) -> dict:
+  """Batch-axis shardings of the batch dict described by ``spec`` (see :func:`batch_spec`)."""
+  return {k: shd.batch_sharding(mesh, 1 + len(shape)) for k, (shape, _) in spec.items()}
 
 
 def jit_train_step(exp: experiment.Experiment):
   """The jitted train step of a training experiment: (state, batch) -> (state, metrics), state donated."""
   step = functools.partial(train_step, model=exp.model, config=exp.config, optimizer=exp.optimizer)
-  extra = tuple(exp.config.data.get("extra_keys", ()))
-  return jax.jit(step, in_shardings=(exp.shardings, batch_shardings(exp.mesh, extra)),
+  spec = batch_spec(exp, latent_shape=(1, 1, 1))   # only the ranks matter here
+  return jax.jit(step, in_shardings=(exp.shardings, batch_shardings(exp.mesh, spec)),
                  out_shardings=(exp.shardings, shd.replicated(exp.mesh)), donate_argnums=(0,))
 
 
 def abstract_batch(exp: experiment.Experiment, latent_shape=None) -> dict:
-  """ShapeDtypeStructs of one global batch; ``latent_shape`` (h, w, C_l) for the extra keys."""
-  m, b = exp.config.model, exp.config.batch_size
-  extra = tuple(exp.config.data.get("extra_keys", ()))
-  sh = batch_shardings(exp.mesh, extra)
-  out = dict(image=jax.ShapeDtypeStruct((b, m.input_size, m.input_size, m.in_channels), jnp.float32,
-                                        sharding=sh["image"]),
-             label=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh["label"]))
-  for k in extra:
-    if latent_shape is None:
-      raise ValueError(f"the batch has extra key {k!r}: pass latent_shape=(h, w, C) for it.")
-    out[k] = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=sh[k])
-  return out
+  """ShapeDtypeStructs (with shardings) of one global batch; ``latent_shape`` (h, w, C_l) for the
+  extra keys of a class-conditional config."""
+  spec = batch_spec(exp, latent_shape)
+  sh = batch_shardings(exp.mesh, spec)
+  b = exp.config.batch_size
+  return {k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=sh[k]) for k, (shape, dtype) in spec.items()}
 
 
 def lower_train_step(exp: experiment.Experiment):

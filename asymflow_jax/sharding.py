@@ -39,6 +39,7 @@ LOGICAL_RULES = (
     ("freq", None),
     ("context", None),
     ("head_dim", None),
+    ("layers", None),   # the stacked-layer axis of scanned blocks (models.flux2)
 )
 
 
@@ -65,7 +66,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def _fits(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
+def fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
   """Drops mesh axes from dimensions they do not divide."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -78,7 +79,7 @@ def _fits(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
 def logical_to_sharding(logical_specs, abstract_tree, mesh, rules=LOGICAL_RULES):
   """NamedShardings for a tree from its logical PartitionSpecs and shapes."""
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-  return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fits(spec, x.shape, mesh)),
+  return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
                       mesh_specs, abstract_tree, is_leaf=lambda x: isinstance(x, P))
 
 

@@ -35,7 +35,10 @@ from asymflow_jax import sampling
 from asymflow_jax import scoring
 from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
+from asymflow_jax import t2i_sampling
 from asymflow_jax.data import pipeline as data_pipeline
+from asymflow_jax.data import t2i
+from asymflow_jax.models import backbone
 from asymflow_jax.metric_log import MetricWriter, log, progress_bar
 
 COMPLETED, PREEMPTED = "completed", "preempted"
@@ -69,20 +72,32 @@ def _restore_iterator(iterator, data: dict):
 
 
 def _sample_images(state, exp, num: int, seed: int) -> np.ndarray:
-  """uint8 EMA samples (class-balanced; sampler and CFG from ``config.sample``), on every process."""
+  """uint8 EMA samples on every process: class-balanced (sampler and CFG from ``config.sample``), or
+  for a text-to-image model the prompts of the first ``num`` training records (CFG against the
+  dataset's empty prompt)."""
   params = experiment.inference_params(exp.config, state.ema[0], state.frozen)
+  config = exp.config
+  if backbone.is_text(exp.model):
+    source = t2i.T2ISource(config.data.path)
+    n = min(num, len(source))
+    prompts = np.stack([source[i]["prompt_embeds"] for i in range(n)])
+    return t2i_sampling.generate_t2i(exp.model, params, state.basis, state.scale, prompts,
+                                     source.empty_prompt_embeds, sample_config=config.sample, seed=seed,
+                                     height=config.model.input_size, width=config.model.input_size,
+                                     color_space=config.model.color_space)
   return sampling.generate_from_config(exp.model, params, state.basis, state.scale, exp.mesh,
-                                       sample_config=exp.config.sample, num=num, seed=seed,
-                                       color_space=exp.config.model.color_space)
+                                       sample_config=config.sample, num=num, seed=seed,
+                                       color_space=config.model.color_space)
 
 
 def write_sample_grid(state, exp, path) -> np.ndarray:
   """A PNG grid of ``config.sample.num_images`` EMA samples (one class per column); returns them."""
   images = _sample_images(state, exp, exp.config.sample.num_images, exp.config.seed + 1)
   if jax.process_index() == 0:
-    n, classes = images.shape[0], exp.model.config.num_classes
-    image_io.save_png(path, images, cols=classes if n % classes == 0 else None,
-                      upscale=max(1, 128 // exp.model.config.input_size))
+    n = images.shape[0]
+    classes = 0 if backbone.is_text(exp.model) else exp.model.config.num_classes
+    image_io.save_png(path, images, cols=classes if classes and n % classes == 0 else None,
+                      upscale=max(1, 128 // exp.config.model.input_size))
   return images
 
 

@@ -28,6 +28,8 @@ CASES = {
                           "--batches=1", "--num_threads=1"], ["img_per_s", "img_per_s_per_core", "record_kb"]),
     "subspace_pca": (["bench/subspace_pca.py", "--image_size=32", "--channels=1", "--patch_size=4", "--batch=2",
                       "--batches=2", "--reps=1"], ["img_per_s", "tokens_per_s", "gflops_per_s"]),
+    "memory": (["bench/memory.py", "--config=configs/default.py", "--devices=2", "--set", "mesh.fsdp=2",
+                *TINY_MODEL], ["params_trained", "per_device_batch", "lower_s", "compile_s"]),
     "reference_config": (["bench/reference_config.py", "--reps=1", "--warmup=1", "--train_batch=2",
                           "--forward_batch=2", *TINY_MODEL[:-2]], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
 }
@@ -47,3 +49,7 @@ def test_bench_script_prints_one_json_line(name):
     assert rec[key], key
   for key in keys:
     assert isinstance(rec[key], (int, float)) and rec[key] > 0, (key, rec[key])
+  if name == "memory":   # 2 fake devices, FSDP over both: the batch of 4 splits in 2, the arguments are counted
+    assert rec["num_devices"] == 2 and rec["per_device_batch"] == 2 and rec["mesh"]["fsdp"] == 2
+    per = rec["bytes_per_device"]
+    assert per["argument"] > 0 and per["peak"] == per["argument"] + per["output"] - per["alias"] + per["temp"]

@@ -8,6 +8,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 
 from asymflow_jax import asymflow as af
 from asymflow_jax import config as config_lib
@@ -189,27 +190,53 @@ def test_lora_interception_equals_the_merged_kernels_and_starts_at_the_base(setu
   model = jit_model.JiT(PIXEL)
   x, t, y = batch["image"], jnp.asarray([0.2, 0.5, 0.7, 0.9]), batch["label"]
   apply = jax.jit(lambda p: model.apply({"params": p}, x, t, y))
+
+  def adapted(lora, scale, dropout=0.0, seed=0):
+    def f(p, lora):
+      with finetune.lora_interceptor(scale=scale, dropout=dropout):
+        return model.apply({"params": p, **finetune.lora_variables(lora)}, x, t, y,
+                           rngs={finetune.LORA_DROPOUT: jax.random.key(seed)})
+    return jax.jit(f)(base, lora)
+
   lora = finetune.init_lora(jax.random.key(0), base, LORA_TARGETS, 4)
   targeted = sorted(finetune._adapters(lora))
   assert targeted == ["blocks_0/mlp/w12", "blocks_0/mlp/w3", "blocks_1/mlp/w12", "blocks_1/mlp/w3",
                       "t_embedder/mlp_0", "t_embedder/mlp_2"]
   assert float(np.std(np.asarray(lora["blocks_0"]["mlp"]["w12"]["a"]))) == pytest.approx(1 / 4, rel=0.1)
   ref = apply(base)
-  with finetune.lora_interceptor(lora, scale=1.0):
-    at_init = apply(base)
-  np.testing.assert_array_equal(at_init, ref)          # B = 0: the adapted model is the base exactly
+  np.testing.assert_array_equal(adapted(lora, 1.0), ref)   # B = 0: the adapted model is the base exactly
   lora = _random_tree(lora, jax.random.key(1), 0.1)
-  with finetune.lora_interceptor(lora, scale=0.5):
-    intercepted = jax.jit(lambda p: model.apply({"params": p}, x, t, y))(base)
+  intercepted = adapted(lora, 0.5)
   merged = apply(finetune.merge(base, {finetune.LORA: lora}, 0.5))
   assert np.abs(np.asarray(merged - ref)).max() > 1e-2
   np.testing.assert_allclose(intercepted, merged, rtol=1e-5, atol=1e-5)
-  runs = []
-  for seed in (0, 0, 1):
-    with finetune.lora_interceptor(lora, scale=0.5, dropout=0.5, rng=jax.random.key(seed)):
-      runs.append(np.asarray(jax.jit(lambda p: model.apply({"params": p}, x, t, y))(base)))
+  runs = [np.asarray(adapted(lora, 0.5, dropout=0.5, seed=seed)) for seed in (0, 0, 1)]
   np.testing.assert_array_equal(runs[0], runs[1])
   assert np.abs(runs[0] - runs[2]).max() > 1e-3 and np.abs(runs[0] - np.asarray(merged)).max() > 1e-3
+
+
+def test_lora_on_a_scanned_stack_adapts_each_layer_with_its_own_slice():
+  """A Dense inside nn.scan sees its layer's slice of stacked adapters: equal to merging them."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.Dense(6, name="lin")(h)), None
+
+  stack = nn.scan(Block, variable_axes={"params": 0, finetune.LORA: 0},
+                  split_rngs={"params": True, finetune.LORA_DROPOUT: True}, length=3)
+  model = stack()
+  x = jax.random.normal(jax.random.key(0), (2, 6))
+  params = model.init(jax.random.key(1), x, None)["params"]
+  lora = _random_tree(finetune.init_lora(jax.random.key(2), params, ("lin",), 2), jax.random.key(3), 0.3)
+  assert lora["lin"]["a"].shape == (3, 6, 2) and lora["lin"]["b"].shape == (3, 2, 6)
+  with finetune.lora_interceptor(scale=0.5):
+    got = model.apply({"params": params, finetune.LORA: lora}, x, None)[0]
+  want = model.apply({"params": finetune.merge(params, {finetune.LORA: lora}, 0.5)}, x, None)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Hand check of layer 1 alone: kernel_1 + 0.5 a_1 b_1.
+  k1 = np.asarray(params["lin"]["kernel"][1]) + 0.5 * np.asarray(lora["lin"]["a"][1]) @ np.asarray(lora["lin"]["b"][1])
+  merged = finetune.merge(params, {finetune.LORA: lora}, 0.5)
+  np.testing.assert_allclose(np.asarray(merged["lin"]["kernel"][1]), k1, rtol=1e-6, atol=1e-6)
 
 
 def test_patterns_that_match_nothing_are_errors(setup):

@@ -24,6 +24,11 @@ LAYERS = {
     "asymflow_jax.models.asymjit": BLOCKS,
     "asymflow_jax.models.finetune": BLOCKS,
     "asymflow_jax.models.autoencoder": BLOCKS,
+    "asymflow_jax.models.flux2": BLOCKS,
+    "asymflow_jax.models.asymflux2": BLOCKS,
+    "asymflow_jax.models.backbone": BLOCKS,
+    "asymflow_jax.flux2_import": BLOCKS,
+    "asymflow_jax.data.t2i": BLOCKS,
     "asymflow_jax.colorspace": BLOCKS,
     "asymflow_jax.lift": BLOCKS,
     "asymflow_jax.data": BLOCKS,
@@ -41,6 +46,7 @@ LAYERS = {
     "asymflow_jax.experiment": COMPONENTS,
     "asymflow_jax.objective": COMPONENTS,
     "asymflow_jax.sampling": COMPONENTS,
+    "asymflow_jax.t2i_sampling": COMPONENTS,
     "asymflow_jax.scoring": COMPONENTS,
     "asymflow_jax.checkpoint": RUN_IO,
     "asymflow_jax.metric_log": RUN_IO,
@@ -54,6 +60,8 @@ LAYERS = {
     "asymflow_jax.lift_demo": ENTRY,
     "asymflow_jax.subspace.__main__": ENTRY,
     "asymflow_jax.data.prep": ENTRY,
+    "asymflow_jax.data.t2i_prep": ENTRY,
+    "asymflow_jax.lift_flux2": ENTRY,
 }
 
 

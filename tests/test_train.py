@@ -195,13 +195,32 @@ def test_nonfinite_loss_is_reported_and_not_saved(tmp_path):
   assert not (tmp_path / "checkpoints" / "2").exists()
 
 
-def test_imagenet_h16_train_step_lowers_on_8_fake_devices(tmp_path):
+def _klein_9b_param_counts(lora_rank=256):
+  """AsymFLUX.2 klein 9B parameter counts from the architecture (D = 4096, M = 3D, 8 double + 24 single
+  blocks, text width 12288, head dim 128, lifted to pixel tokens of c = 16 * 16 * 3 = 768), written out
+  independently of the code: (frozen lifted base, trained subset + LoRA)."""
+  d, m, hd, c, txt, t = 4096, 12288, 128, 768, 12288, 256
+  double = 8 * d * d + 2 * (d * 2 * m + m * d) + 4 * hd          # attn (q k v out, added q k v out), ff x2, q/k norms
+  single = d * (3 * d + 2 * m) + (d + m) * d + 2 * hd            # fused [q k v | gate up], to_out, q/k norms
+  rest = c * d + txt * d + d * c + (t * d + d * d) + (6 + 6 + 3 + 2) * d * d   # in, context, out, time, modulations
+  frozen = 8 * double + 24 * single + rest
+  lora = lambda i, o: lora_rank * (i + o)                         # noqa: E731
+  trained = (c * d + d * c + d * 2 * d                        # x_embedder, proj_out, norm_out (pixel patch 16, RGB)
+             + 8 * 2 * (lora(d, 2 * m) + lora(m, d))              # ff / ff_context linear_in, linear_out
+             + lora(t, d) + lora(d, d)                            # time embedder linear_1, linear_2
+             + 24 * lora(d + m, d))                               # single blocks attn.to_out
+  return frozen, trained
+
+
+def test_pod_train_steps_lower_on_8_fake_devices(tmp_path):
+  """ImageNet H/16 and the AsymFLUX.2 klein 9B finetuning step (VR teacher + LPIPS + LoRA) lower with
+  abstract inputs on an 8-device fake mesh; shardings and sizes as designed."""
   out = tmp_path / "lower.json"
   env = subprocess_env(8)
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "lower_worker.py"), str(out)], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "lower_worker.py"), str(out), "h16", "asymflux2"],
+                        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  info = json.loads(out.read_text())
+  info = json.loads(out.read_text())["h16"]
   assert info["devices"] == 8 and info["num_blocks"] == 32
   assert info["num_params"] == 952_514_368  # JiT-H/16 (the paper's 953M)
   assert info["has_bf16"]                  # bf16 compute is in the lowered program
@@ -210,6 +229,15 @@ def test_imagenet_h16_train_step_lowers_on_8_fake_devices(tmp_path):
   specs = info["opt_specs"]
   assert {v for k, v in specs.items() if ".mu[" in k or ".nu[" in k} == {info["qkv_spec"]}
   assert {v for k, v in specs.items() if k.endswith("count")} == {"P()"}
+
+  flux = json.loads(out.read_text())["asymflux2"]
+  assert (flux["frozen_params"], flux["trained_params"]) == _klein_9b_param_counts()
+  assert flux["trained"] == ["lora", "norm_out", "proj_out", "x_embedder"]
+  # stacked layers unsharded, FSDP on the hidden axis, heads on tensor; LoRA A / B: their kernel's axes + fsdp
+  assert flux["to_q_spec"] == "P(None, 'fsdp', 'tensor')"
+  assert (flux["lora_a_spec"], flux["lora_b_spec"]) == ("P(None, 'fsdp', None)", "P(None, None, ('fsdp', 'tensor'))")
+  assert flux["proj_out_spec"] == "P('fsdp', None)"
+  assert flux["has_bf16"] and flux["has_while"]      # bf16 compute; the blocks are scanned (one loop body)
 
 
 def test_mesh_recipes_and_config_args():

@@ -25,6 +25,11 @@ centre-cropped and scaled to [-1, 1]; float32 images (``npz`` sources) are
 already in model units and must be exactly ``[image_size, image_size,
 num_channels]`` (no crop). Label dropout for classifier-free guidance is not
 done here (the train step does it).
+
+``source='t2i'`` (text-to-image finetuning, :mod:`asymflow_jax.data.t2i`) serves a dataset folder at its
+own fixed resolution (no crop, no flip; ``image_size`` is not used) with batches
+``{"image": float32[B, H, W, 3], "latents": float32[B, h, w, C], "prompt_embeds": bfloat16[B, L, D],
+"num_tokens": int32[B]}`` (no "label").
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ import ml_collections
 import numpy as np
 
 from asymflow_jax.data import sources
+from asymflow_jax.data import t2i
 
 ON_BAD_RECORD = ("raise", "skip")
-SOURCES = ("mnist", "tfds", "array_record", "npz")
+IMAGE_SOURCES = ("mnist", "tfds", "array_record", "npz")   # image (+ label) datasets
+SOURCES = IMAGE_SOURCES + ("t2i",)                          # + text-to-image datasets (data/t2i.py)
 
 
 # ----------------------------------------------------------------------------
@@ -51,11 +58,11 @@ SOURCES = ("mnist", "tfds", "array_record", "npz")
 def default_data_config() -> ml_collections.ConfigDict:
   """The embedded offline default: 5000 MNIST digits, 32x32x1, 10 classes."""
   c = ml_collections.ConfigDict()
-  c.source = "mnist"          # 'mnist' | 'tfds' | 'array_record' | 'npz'
+  c.source = "mnist"          # 'mnist' | 'tfds' | 'array_record' | 'npz' | 't2i'
   c.name = ""                 # TFDS dataset name, e.g. 'imagenet2012'
   c.split = "train"           # TFDS split
   c.data_dir = ""             # TFDS data_dir ('' = TFDS default)
-  c.path = ""                 # ArrayRecord file / glob / comma list, or the .npz file
+  c.path = ""                 # ArrayRecord file / glob / comma list, the .npz file, or the t2i dataset folder
   c.image_key = "image"       # TFDS feature names
   c.label_key = "label"
   c.image_size = 32
@@ -84,6 +91,14 @@ def tfds_data_config(name: str = "imagenet2012", *, image_size: int = 64,
   return c
 
 
+def t2i_data_config(path: str, **overrides) -> ml_collections.ConfigDict:
+  """A text-to-image dataset folder (``python -m asymflow_jax.data.t2i_prep``): RGB, no flips."""
+  c = default_data_config()
+  c.source, c.path, c.num_channels, c.random_flip = "t2i", str(path), 3, False
+  c.update(overrides)
+  return c
+
+
 def make_source(config: ml_collections.ConfigDict):
   """Builds the random-access source described by ``config.source``."""
   kind = config.source
@@ -105,7 +120,12 @@ def make_source(config: ml_collections.ConfigDict):
     if not config.path:
       raise ValueError("config.path (the .npz file) is required for source='npz'")
     return sources.NpzSource(config.path, keys=sources.NPZ_REQUIRED_KEYS + extra_keys_of(config))
-  raise ValueError(f"unknown data source {kind!r}; expected one of {SOURCES}")
+  if kind == "t2i":
+    if not config.path:
+      raise ValueError("config.path (the t2i dataset folder) is required for source='t2i'")
+    return t2i.T2ISource(config.path)
+  raise ValueError(f"unknown data source {kind!r}; expected one of {IMAGE_SOURCES} (image datasets) or 't2i' "
+                   "(text-to-image datasets)")
 
 
 def extra_keys_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -283,6 +303,9 @@ def make_pipeline(config: ml_collections.ConfigDict | None = None, *, seed: int,
     raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {config.on_bad_record!r}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+  is_t2i = config.source == "t2i" or isinstance(source, t2i.T2ISource)
+  if is_t2i:
+    t2i.check_pipeline_config(config)
   extras = extra_keys_of(config)
   if extras and config.random_flip:
     raise ValueError(f"config.random_flip=True with config.extra_keys={extras!r}: a flipped image would not "
@@ -297,10 +320,13 @@ def make_pipeline(config: ml_collections.ConfigDict | None = None, *, seed: int,
         f"the local batch size {local_batch_size}")
 
   counter = BadRecordCounter()
-  load = _LoadFn(source=source, shard_size=per_process, image_size=config.image_size,
-                 num_channels=config.num_channels, random_flip=config.random_flip,
-                 seed=seed, on_bad_record=config.on_bad_record, counter=counter,
-                 extra_keys=extras)
+  if is_t2i:
+    load = t2i.T2ILoadFn(source=source, on_bad_record=config.on_bad_record, counter=counter)
+  else:
+    load = _LoadFn(source=source, shard_size=per_process, image_size=config.image_size,
+                   num_channels=config.num_channels, random_flip=config.random_flip,
+                   seed=seed, on_bad_record=config.on_bad_record, counter=counter,
+                   extra_keys=extras)
 
   ds = grain.MapDataset.range(len(source))
   ds = ds[: per_process * process_count][process_index::process_count]

@@ -25,7 +25,6 @@ from PIL import Image
 
 from asymflow_jax.data import sources
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def list_images(images_dir: str, labels_from_subdirs: bool = False
@@ -47,10 +46,10 @@ def list_images(images_dir: str, labels_from_subdirs: bool = False
     for dirpath, dirnames, filenames in os.walk(root):
       dirnames.sort()
       found.extend(os.path.join(dirpath, f) for f in filenames
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+                   if f.lower().endswith(sources.IMAGE_EXTENSIONS))
     items.extend((p, label) for p in sorted(found))
   if not items:
-    raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {images_dir}")
+    raise ValueError(f"no images ({', '.join(sources.IMAGE_EXTENSIONS)}) found under {images_dir}")
   return items, class_names
 
 

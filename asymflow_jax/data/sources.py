@@ -56,6 +56,9 @@ MNIST_NUM_EXAMPLES = 5000
 MNIST_IMAGE_SIZE = 28
 MNIST_NUM_CLASSES = 10
 
+# Image files the prep CLIs (data/prep.py, data/t2i_prep.py) read.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
 
 class BadRecordError(ValueError):
   """A record that cannot be decoded or has the wrong shape."""

@@ -21,7 +21,7 @@ from asymflow_jax.models.jit_model import JiT, JiTConfig
 
 
 def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, sigma_min: float,
-                  train: bool = False, rngs=None, return_u_a: bool = False):
+                  train: bool = False, rngs=None, return_u_a: bool = False, lora=None):
   """AsymJiT velocity.
 
   Args:
@@ -35,6 +35,8 @@ def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, s
     sigma_min: recovery clamp (``TRAIN_SIGMA_MIN`` when training, ``EVAL_SIGMA_MIN`` for ImageNet eval).
     train: enables dropout (needs ``rngs={"dropout": key}`` when a dropout rate is non-zero).
     return_u_a: also return the raw network output tokens u_A (B, N, D) in the model's dtype.
+    lora: LoRA adapters, passed as the "lora" variable collection (applied only inside
+      ``finetune.lora_interceptor``).
 
   Returns:
     velocity u = eps - x0 estimate, NHWC float32 (B, H, W, C); or (velocity, u_a).
@@ -47,7 +49,8 @@ def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, s
   sigma = jnp.asarray(sigma, jnp.float32)
   k, t = calibrate(sigma, scale)
   x_in = (k[:, None, None, None] * x_t).astype(model.dtype)
-  u_a = model.apply({"params": params}, x_in, t, labels, train=train, rngs=rngs)
+  u_a = model.apply({"params": params, **({"lora": lora} if lora else {})}, x_in, t, labels, train=train,
+                    rngs=rngs)
   u = recover_velocity(u_a.astype(jnp.float32), patchify(x_t, p), basis.astype(jnp.float32), sigma,
                        scale=scale, sigma_min=sigma_min)
   velocity = unpatchify(u, p, h, w)

@@ -13,13 +13,18 @@ y = x W + b + scale * dropout(x) A B with A (in, r) ~ N(0, 1/r^2), B (r, out) = 
 
 Training applies LoRA without touching the base kernels, through :func:`lora_interceptor` (Flax
 method interception on ``nn.Dense``), so LoRA dropout works and the frozen kernels are read, never
-copied. Inference folds the adapters into the kernels (:func:`merge`), so samplers and exports see
-a plain tree. Both agree to float32 round-off when dropout is off (tested).
+copied. The adapters travel as the variable collection ``"lora"`` next to ``"params"`` (same
+module nesting), so a Dense layer inside ``nn.scan`` sees its own layer's slice: a scanned stack
+of kernels (L, in, out) gets stacked adapters A (L, in, r), B (L, r, out). Inference folds the
+adapters into the kernels (:func:`merge`), so samplers and exports see a plain tree. Both agree to
+float32 round-off when dropout is off (tested).
+
+    with lora_interceptor(scale=s, dropout=0.05):
+      y = model.apply({"params": base, "lora": lora}, x, rngs={"lora_dropout": key})
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import zlib
 from typing import Any, Iterable, Sequence
@@ -28,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-LORA = "lora"   # key of the adapter tree inside the trained tree
+LORA = "lora"   # key of the adapter tree inside the trained tree, and its variable collection
+LORA_DROPOUT = "lora_dropout"   # the rng stream of LoRA dropout
 
 
 def path_str(path) -> str:
@@ -83,17 +89,19 @@ def check_patterns(params, trainable: Sequence[str], lora_targets: Sequence[str]
 
 
 def dense_kernels(params, targets: Sequence[str]) -> dict[str, Any]:
-  """{module path: kernel} of every 2-D Dense kernel whose module path matches a target."""
+  """{module path: kernel} of every Dense kernel (in, out), or stack of them (L..., in, out) from
+  ``nn.scan``, whose module path matches a target."""
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     p = path_str(path)
-    if p.endswith("/kernel") and getattr(leaf, "ndim", 0) == 2 and _matches(targets, p.rsplit("/", 1)[0]):
+    if p.endswith("/kernel") and getattr(leaf, "ndim", 0) >= 2 and _matches(targets, p.rsplit("/", 1)[0]):
       out[p.rsplit("/", 1)[0]] = leaf
   return out
 
 
 def init_lora(key, params, targets: Sequence[str], rank: int) -> dict:
-  """Adapters {module path nested: {"a": (in, r), "b": (r, out)}} for the targeted Dense layers.
+  """Adapters {module path nested: {"a": (..., in, r), "b": (..., r, out)}} for the targeted Dense
+  layers (leading axes of a scanned kernel stack are kept).
 
   A ~ N(0, (1/r)^2) (PEFT's "gaussian" init), B = 0: the adapted model starts equal to the base.
   Each layer's A uses ``fold_in(key, crc32(path))``, so the init does not depend on which other
@@ -103,10 +111,10 @@ def init_lora(key, params, targets: Sequence[str], rank: int) -> dict:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
   out: dict = {}
   for mod, kernel in dense_kernels(params, targets).items():
-    d_in, d_out = kernel.shape
+    *lead, d_in, d_out = kernel.shape
     k = jax.random.fold_in(key, zlib.crc32(mod.encode()))
-    a = jax.random.normal(k, (d_in, rank), jnp.float32) / rank
-    _set(out, mod.split("/"), dict(a=a, b=jnp.zeros((rank, d_out), jnp.float32)))
+    a = jax.random.normal(k, (*lead, d_in, rank), jnp.float32) / rank
+    _set(out, mod.split("/"), dict(a=a, b=jnp.zeros((*lead, rank, d_out), jnp.float32)))
   return out
 
 
@@ -149,36 +157,35 @@ def merge(base, trained, scale: float) -> Any:
   return params
 
 
-def lora_interceptor(lora, *, scale: float, dropout: float = 0.0, rng=None):
+def lora_interceptor(*, scale: float, dropout: float = 0.0):
   """A context manager adding ``scale * dropout(x) A B`` to every adapted ``nn.Dense`` call.
 
-  Use around ``model.apply`` (any depth, inside jit and nn.remat). ``rng`` (a key) is needed when
-  ``dropout > 0``; each layer folds in the crc32 of its path. With ``lora`` empty or None this is a
-  no-op context.
+  The adapters are read from the applied variables' ``"lora"`` collection (pass
+  ``{"params": ..., "lora": adapters}`` to ``model.apply``); Dense layers without one are left
+  alone. Works at any depth, inside jit, ``nn.remat`` and ``nn.scan`` (scan the "lora" collection
+  with the params). Dropout > 0 draws from the ``"lora_dropout"`` rng stream (give
+  ``rngs={"lora_dropout": key}``; each layer gets its own fold of it).
   """
-  adapters = _adapters(lora)
-  if not adapters:
-    return contextlib.nullcontext()
-  if dropout > 0 and rng is None:
-    raise ValueError("LoRA dropout > 0 needs an rng key.")
-
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+    if (context.method_name != "__call__" or not isinstance(mod, nn.Dense)
+        or not mod.has_variable(LORA, "a")):
       return next_fun(*args, **kwargs)
-    ad = adapters.get("/".join(mod.path))
     y = next_fun(*args, **kwargs)
-    if ad is None:
-      return y
+    a, b = mod.get_variable(LORA, "a"), mod.get_variable(LORA, "b")
     x = args[0]
     if dropout > 0:
-      keep = jax.random.bernoulli(jax.random.fold_in(rng, zlib.crc32("/".join(mod.path).encode())),
-                                  1.0 - dropout, x.shape)
+      keep = jax.random.bernoulli(mod.make_rng(LORA_DROPOUT), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-    h = jnp.matmul(x, ad["a"].astype(x.dtype))
-    return y + (scale * jnp.matmul(h, ad["b"].astype(x.dtype))).astype(y.dtype)
+    h = jnp.matmul(x, a.astype(x.dtype))
+    return y + (scale * jnp.matmul(h, b.astype(x.dtype))).astype(y.dtype)
 
   return nn.intercept_methods(interceptor)
+
+
+def lora_variables(lora) -> dict:
+  """The extra variable collections of an adapted apply: ``{"lora": lora}``, or {} without adapters."""
+  return {LORA: lora} if lora else {}
 
 
 def lr_labels(trained, lr_mults: Iterable[tuple[str, float]]) -> Any:
