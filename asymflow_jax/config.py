@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.method = "heun"
   c.sample.guidance = 2.3       # ImageNet: 2.3 on [0, 0.88]
   c.sample.interval = (0.0, 0.88)
-  c.sample.num_images = 64
+  c.sample.num_images = 64       # images per grid; 0 = no sample grids (e.g. when sampling is done separately)
   c.sample.sigma_min = 4e-2     # recovery clamp at inference (ImageNet 4e-2; the latent lift keeps 1e-4)
   # text-to-image (model.family='asymflux2', method 'unipc'): spec s8 uses 32 steps, guidance 4, orthogonal 1
   c.sample.orthogonal = 0.0     # orthogonal-guidance weight (0 = plain CFG)
@@ -215,9 +215,10 @@ def _numeric_errors(c) -> list[str]:
   nonneg_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
   finite = lambda v: _number(v) and math.isfinite(v)
   for field in ("batch_size", "num_steps", "log_every", "checkpoint.every", "checkpoint.keep",
-                "subspace.num_images", "sample.num_steps", "sample.num_images", "eval.num_images"):
+                "subspace.num_images", "sample.num_steps", "eval.num_images"):
     _check(e, pos_int(_get(c, field)), field, _get(c, field), "an integer >= 1")
-  for field in ("warmup_steps", "checkpoint.keep_every", "sample.every", "eval.every", "seed", "subspace.seed"):
+  for field in ("warmup_steps", "checkpoint.keep_every", "sample.every", "sample.num_images", "eval.every", "seed",
+                "subspace.seed"):
     _check(e, nonneg_int(_get(c, field)), field, _get(c, field), "an integer >= 0")
   _check(e, finite(c.lr) and c.lr > 0, "lr", c.lr, "a finite number > 0")
   _check(e, finite(c.warmup_ratio) and 0 <= c.warmup_ratio <= 1, "warmup_ratio", c.warmup_ratio, "a number in [0, 1]")

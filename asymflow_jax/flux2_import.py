@@ -83,9 +83,10 @@ def read_safetensors_header(path) -> dict[str, TensorInfo]:
   return out
 
 
-def checkpoint_tensors(folder) -> dict[str, TensorInfo]:
-  """{key: TensorInfo} over a diffusers folder: the ``*.safetensors.index.json`` shards if there is an index,
-  else ``diffusion_pytorch_model.safetensors`` (or the folder's only ``.safetensors`` file)."""
+def checkpoint_tensors(folder, single_file: str = SINGLE_FILE) -> dict[str, TensorInfo]:
+  """{key: TensorInfo} over a diffusers (or transformers) folder: the ``*.safetensors.index.json`` shards if
+  there is an index, else ``single_file`` (default ``diffusion_pytorch_model.safetensors``; transformers writes
+  ``model.safetensors``) or the folder's only ``.safetensors`` file."""
   folder = pathlib.Path(folder)
   indexes = sorted(folder.glob("*.safetensors.index.json"))
   if len(indexes) > 1:
@@ -105,11 +106,11 @@ def checkpoint_tensors(folder) -> dict[str, TensorInfo]:
     if absent:
       raise ValueError(f"{indexes[0]}: keys not found in their shards: {absent}")
     return tensors
-  single = folder / SINGLE_FILE
+  single = folder / single_file
   if not single.is_file():
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
-      raise FileNotFoundError(f"{folder}: no {SINGLE_FILE}, no *.safetensors.index.json and not exactly one "
+      raise FileNotFoundError(f"{folder}: no {single_file}, no *.safetensors.index.json and not exactly one "
                               f"*.safetensors file ({[p.name for p in files]}).")
     single = files[0]
   return read_safetensors_header(single)
@@ -203,10 +204,18 @@ def _sources(abstract):
 def tensor_problems(sources, tensors: Mapping[str, Any], where: str = "checkpoint") -> list[str]:
   """Every missing key, unexpected key, wrong shape, unsupported dtype or corrupt entry of ``tensors``
   ({key: TensorInfo or array}) against ``sources`` (:func:`param_sources`)."""
-  problems, expected = [], {}
+  expected = {}
   for (src, leaf) in sources.values():
     for k in src.keys:
       expected[k] = src.torch_shape(leaf.shape)
+  return expected_tensor_problems(expected, tensors, where)
+
+
+def expected_tensor_problems(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, Any],
+                             where: str = "checkpoint") -> list[str]:
+  """Every missing key, unexpected key, wrong shape, unsupported dtype or corrupt entry of ``tensors``
+  ({key: TensorInfo or array}) against ``expected`` ({key: torch-layout shape}); model-independent."""
+  problems = []
   for k in sorted(set(expected) - set(tensors)):
     problems.append(f"missing key {k} (expected shape {expected[k]})")
   for k in sorted(set(tensors) - set(expected)):

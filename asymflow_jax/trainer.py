@@ -221,7 +221,8 @@ def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requ
         if jax.process_index() == 0:
           writer.write(done, {f"eval_{k}": float(v) for k, v in scorer(images).items()
                               if k not in ("metric", "num_images")})
-      if (config.sample.every and done % config.sample.every == 0) or done == config.num_steps:
+      if config.sample.num_images and ((config.sample.every and done % config.sample.every == 0)
+                                       or done == config.num_steps):
         path = epath.Path(workdir) / "samples" / f"step_{done:07d}.png"
         write_sample_grid(state, exp, path)
         log(f"wrote {path}")

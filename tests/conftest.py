@@ -42,9 +42,9 @@ def subprocess_env(devices: int | None = None) -> dict:
 def fixtures_dir() -> pathlib.Path:
   """The fixtures committed in ``tests/fixtures``: reference parity fixtures copied from the project's
   shared fixtures (``jit_tiny`` from the official AsymJiT code, ``pca_tiny`` from its PCA tool), the
-  diffusers FLUX.2 and UniPC fixtures (made by ``tests/make_flux2_fixture.py`` and
-  ``tests/make_unipc_fixture.py`` where torch + diffusers are installed) and the default digit
-  classifier (see :func:`digit_classifier`)."""
+  diffusers FLUX.2, UniPC and transformers DINOv2 fixtures (made by ``tests/make_flux2_fixture.py``,
+  ``tests/make_unipc_fixture.py`` and ``tests/make_dinov2_fixture.py`` where torch + diffusers /
+  transformers are installed) and the default digit classifier (see :func:`digit_classifier`)."""
   return FIXTURES
 
 
@@ -99,7 +99,7 @@ def digit_classifier(fixtures_dir) -> pathlib.Path:
 # never what runs. It applies to the default `--dist load`; an explicit --dist mode is left alone.
 
 SPLIT_MODULES = frozenset({
-    "tests/test_train.py", "tests/test_faults.py", "tests/test_sampling.py", "tests/test_bench.py",
+    "tests/test_train.py", "tests/test_faults.py", "tests/test_sampling.py",
     "tests/test_model.py", "tests/test_evaluate_cli.py", "tests/test_workdir.py",
 })
 SLOW_FIRST = (   # module paths (units) or node ids (a parametrized test: all its cases)
@@ -113,7 +113,7 @@ SLOW_FIRST = (   # module paths (units) or node ids (a parametrized test: all it
     "tests/test_asymflux2.py",
     "tests/test_finetune.py",
     "tests/test_model.py::test_b16_init_and_jitted_forward",
-    "tests/test_bench.py::test_bench_script_prints_one_json_line",
+    "tests/test_bench.py",
     "tests/test_train.py::test_pod_train_steps_lower_on_8_fake_devices",
     "tests/test_train.py::test_nonfinite_loss_is_reported_and_not_saved",
     "tests/test_sampling.py::test_images_do_not_depend_on_device_count",

@@ -39,6 +39,7 @@ def _parse():
   p.add_argument("--hang_after_checkpoint", type=int, default=0)
   p.add_argument("--lr", type=float, default=None, help="override config.lr (config-agreement test)")
   p.add_argument("--check_only", action="store_true", help="stop after check_config_agreement")
+  p.add_argument("--no_samples", action="store_true", help="no end-of-training sample grid (not compared)")
   return p.parse_args()
 
 
@@ -113,6 +114,8 @@ def main():
   if args.hang_after_checkpoint:
     _hang_after(args.hang_after_checkpoint, args.workdir)
   config = train_config.tiny_train_config(args.steps)
+  if args.no_samples:
+    config.sample.num_images = 0
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(v) for v in args.mesh.split(","))
   if args.lr is not None:
     config.lr = args.lr

@@ -97,7 +97,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(request, tmp_path):
-  _one_process(tmp_path / "one", 4, tmp_path / "one.npz", 4, f"--mesh={MESH}", "--emulate_processes=2")
+  _one_process(tmp_path / "one", 4, tmp_path / "one.npz", 4, f"--mesh={MESH}", "--emulate_processes=2", "--no_samples")
   uninterrupted = request.getfixturevalue("uninterrupted")   # late: if another xdist worker makes it, meanwhile
   infos = sorted(_infos(uninterrupted["stdout"]), key=lambda i: i["process_index"])
   assert [(i["process_index"], i["process_count"], i["device_count"], i["local_device_count"], i["step"])
@@ -117,7 +117,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(request, tmp_p
 
 def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(request, tmp_path):
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_launch_cmd(workdir, 4, tmp_path / "unused.npz", "--hang_after_checkpoint=2"),
+  proc = subprocess.Popen(_launch_cmd(workdir, 4, tmp_path / "unused.npz", "--hang_after_checkpoint=2", "--no_samples"),
                           env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
   try:
@@ -135,8 +135,9 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(request, tmp
   for i in (0, 1):
     (workdir / f"hang_{i}").unlink()
 
-  stdout = _two_processes(workdir, 4, tmp_path / "resumed.npz")   # fresh coordinator port, resumes at 2
+  stdout = _two_processes(workdir, 4, tmp_path / "resumed.npz", "--no_samples")   # fresh coordinator port, resumes at 2
   assert "resumed from step 2" in stdout
+  assert not (workdir / "samples").exists()   # sample.num_images = 0: no grid at the end
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   uninterrupted = request.getfixturevalue("uninterrupted")
   want, got = _params(uninterrupted["out"]), _params(tmp_path / "resumed.npz")

@@ -21,6 +21,7 @@ def main():
   mesh = sys.argv[4] if len(sys.argv) > 4 else "1,-1,1"
   config = train_config.tiny_train_config(steps)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(v) for v in mesh.split(","))
+  config.sample.num_images = 0   # the callers compare parameters and losses, never samples
   state = trainer.train(config, workdir, progress=False).state
   flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(out, num_devices=jax.device_count(), **flat)
