@@ -35,9 +35,9 @@ import numpy as np
 import jax
 import flax.linen as nn
 
-from asymflow_jax.flux2_import import checkpoint_tensors, expected_tensor_problems, tensor_view
+from asymflow_jax.flux2_import import (checkpoint_tensors, expected_tensor_problems, key_names, stream_params,
+                                       target_shardings, tensor_view)
 from asymflow_jax.models.dinov2 import Dinov2Config, Dinov2Model, abstract_params, param_specs
-from asymflow_jax.sharding import logical_to_sharding
 
 SINGLE_FILE = "model.safetensors"
 STACK = ("encoder", "layer")
@@ -87,10 +87,6 @@ class ParamSource:
     return out
 
 
-def _names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", k)) for k in path)
-
-
 def param_source(path, flax_shape, naming: str = HUB) -> ParamSource:
   """The checkpoint source of the Flax parameter at ``path`` (module names + leaf name)."""
   *modules, leaf = tuple(path)
@@ -138,7 +134,7 @@ def _as_model(model_config) -> Dinov2Model:
 def _sources(abstract, naming=HUB):
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = _names(path)
+    names = key_names(path)
     out[names] = (param_source(names, leaf.shape, naming), leaf)
   return out
 
@@ -208,16 +204,6 @@ def _read_slice(view, src: ParamSource, index, dtype) -> np.ndarray:
   return np.ascontiguousarray(np.stack(blocks) if src.stacked else blocks[0])
 
 
-def _target_shardings(model: Dinov2Model, abstract, shardings):
-  if shardings is None:
-    return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
-  if isinstance(shardings, jax.sharding.Mesh):
-    return logical_to_sharding(param_specs(model), abstract, shardings)
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda _: shardings, abstract)
-  return shardings
-
-
 def load_hf_dinov2(folder, config=None, shardings=None, dtype=None, *, check_config: bool = True):
   """Parameters (a plain tree of jax.Arrays, like ``model.init(...)["params"]`` unboxed) from a transformers
   DINOv2 folder.
@@ -245,23 +231,13 @@ def load_hf_dinov2(folder, config=None, shardings=None, dtype=None, *, check_con
   problems = _config_problems(folder, model.config) if check_config and config is not None else []
   _raise(str(folder), problems + tensor_problems(sources, tensors, str(folder)))
 
-  targets = _target_shardings(model, abstract, shardings)
-  flat_targets = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      targets, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
-  if set(flat_targets) != set(sources):
-    raise ValueError("shardings do not match the parameter tree: "
-                     f"{sorted('/'.join(p) for p in set(flat_targets) ^ set(sources))}")
   maps = {}
 
-  def build(path, leaf):
-    names = _names(path)
+  def read(names, index, target_dtype):
     src, _ = sources[names]
-    target_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
-    view = lambda key: tensor_view(tensors[key], maps)  # noqa: E731
-    return jax.make_array_from_callback(leaf.shape, flat_targets[names],
-                                        lambda index: _read_slice(view, src, index, target_dtype))
+    return _read_slice(lambda key: tensor_view(tensors[key], maps), src, index, target_dtype)
 
-  return jax.tree_util.tree_map_with_path(build, abstract)
+  return stream_params(abstract, target_shardings(lambda: param_specs(model), abstract, shardings), read, dtype)
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config, dtype=np.float32):
@@ -272,7 +248,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], config, dtype=np.
   _raise("state dict", tensor_problems(sources, state_dict, "state dict"))
 
   def build(path, leaf):
-    src, _ = sources[_names(path)]
+    src, _ = sources[key_names(path)]
     return _read_slice(lambda k: np.asarray(state_dict[k]), src, (slice(None),) * len(leaf.shape), np.dtype(dtype))
 
   return jax.tree_util.tree_map_with_path(build, abstract)
@@ -283,7 +259,7 @@ def params_to_state_dict(params, config, naming: str = HUB) -> dict[str, np.ndar
   sources = param_sources(config, naming)
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    src, _ = sources[_names(path)]
+    src, _ = sources[key_names(path)]
     arr = np.asarray(leaf)
     for i, group in enumerate(src.keys):
       a = arr[i] if src.stacked else arr

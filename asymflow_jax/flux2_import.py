@@ -156,7 +156,8 @@ class ParamSource:
     return shape[::-1] if self.transpose else shape
 
 
-def _names(path) -> tuple[str, ...]:
+def key_names(path) -> tuple[str, ...]:
+  """Module names of a jax key path, e.g. ("transformer_blocks", "attn", "to_q", "kernel")."""
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
@@ -196,7 +197,7 @@ def param_sources(model_config) -> dict[tuple[str, ...], tuple[ParamSource, jax.
 def _sources(abstract):
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = _names(path)
+    names = key_names(path)
     out[names] = (param_source(names, leaf.shape), leaf)
   return out
 
@@ -276,14 +277,36 @@ def _read_slice(views: Callable[[int], np.ndarray], src: ParamSource, index, dty
   return np.ascontiguousarray(out)
 
 
-def _target_shardings(model: Flux2Transformer, abstract, shardings):
+def target_shardings(specs, abstract, shardings):
+  """A sharding per leaf of ``abstract`` from ``shardings``: None (the first local device), one Sharding for
+  all, a Mesh (``specs()``, the model's logical PartitionSpecs, mapped by LOGICAL_RULES) or a tree as is."""
   if shardings is None:
     return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
   if isinstance(shardings, jax.sharding.Mesh):
-    return logical_to_sharding(param_specs(model), abstract, shardings)
+    return logical_to_sharding(specs(), abstract, shardings)
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda _: shardings, abstract)
   return shardings
+
+
+def stream_params(abstract, targets, read, dtype=None):
+  """Builds every leaf of ``abstract`` with ``jax.make_array_from_callback`` in its sharding from ``targets``;
+  ``read(names, index, np_dtype)`` returns the block ``index`` of the parameter at module path ``names``
+  (each shard reads only its own slice, nothing is gathered on the host). ``dtype`` (default: the leaf's)."""
+  flat_targets = {key_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      targets, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
+  names_of = {key_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  if set(flat_targets) != names_of:
+    raise ValueError("shardings do not match the parameter tree: "
+                     f"{sorted('/'.join(p) for p in set(flat_targets) ^ names_of)}")
+
+  def build(path, leaf):
+    names = key_names(path)
+    target_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
+    return jax.make_array_from_callback(leaf.shape, flat_targets[names],
+                                        lambda index: read(names, index, target_dtype))
+
+  return jax.tree_util.tree_map_with_path(build, abstract)
 
 
 def load_diffusers_transformer(folder, model_config, shardings=None, dtype=None, *, check_config: bool = True):
@@ -313,24 +336,13 @@ def load_diffusers_transformer(folder, model_config, shardings=None, dtype=None,
   problems = _config_problems(folder, model.config) if check_config else []
   _raise(str(folder), problems + tensor_problems(sources, tensors, str(folder)))
 
-  targets = _target_shardings(model, abstract, shardings)
-  flat_targets = {_names(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-      targets, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}
-  if set(flat_targets) != set(sources):
-    raise ValueError("shardings do not match the parameter tree: "
-                     f"{sorted('/'.join(p) for p in set(flat_targets) ^ set(sources))}")
-
   maps = {}
 
-  def build(path, leaf):
-    names = _names(path)
+  def read(names, index, target_dtype):
     src, _ = sources[names]
-    target_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
-    views = lambda i: tensor_view(tensors[src.keys[i]], maps)  # noqa: E731
-    return jax.make_array_from_callback(
-        leaf.shape, flat_targets[names], lambda index: _read_slice(views, src, index, target_dtype))
+    return _read_slice(lambda i: tensor_view(tensors[src.keys[i]], maps), src, index, target_dtype)
 
-  return jax.tree_util.tree_map_with_path(build, abstract)
+  return stream_params(abstract, target_shardings(lambda: param_specs(model), abstract, shardings), read, dtype)
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], model_config, dtype=np.float32):
@@ -341,7 +353,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], model_config, dty
   _raise("state dict", tensor_problems(sources, state_dict, "state dict"))
 
   def build(path, leaf):
-    src, _ = sources[_names(path)]
+    src, _ = sources[key_names(path)]
     return _read_slice(lambda i: np.asarray(state_dict[src.keys[i]]), src, (slice(None),) * len(leaf.shape),
                        np.dtype(dtype))
 
@@ -353,7 +365,7 @@ def params_to_state_dict(params, model_config) -> dict[str, np.ndarray]:
   sources = param_sources(model_config)
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    src, _ = sources[_names(path)]
+    src, _ = sources[key_names(path)]
     arr = np.asarray(leaf)
     for i, key in enumerate(src.keys):
       a = arr[i] if src.stacked else arr
