@@ -332,9 +332,9 @@ def trained_target(exp: "Experiment"):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
 
 
-def _abstract_inference_state(model, config) -> InferenceState:
+def _abstract_inference_state(model, config, params) -> InferenceState:
   d = backbone.patch_dim(model)
-  return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=backbone.abstract_params(model),
+  return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                         basis=jax.ShapeDtypeStruct((d, config.model.rank), jnp.float32),
                         scale=jax.ShapeDtypeStruct((), jnp.float32))
 
@@ -349,15 +349,15 @@ def build(config, mesh, *, training: bool) -> Experiment:
   model = model_from_config(config)
   if backbone.is_text(model) and mesh.size > 1:   # keep activations batch-split inside the layer scans
     model = model.clone(batch_sharding=shd.batch_sharding(mesh, 3))
+  abstract_params, specs = backbone.abstract_params_and_specs(model)
   if finetuning(config):
-    finetune.check_patterns(backbone.abstract_params(model), config.finetune.trainable,
-                            config.finetune.lora_targets)
+    finetune.check_patterns(abstract_params, config.finetune.trainable, config.finetune.lora_targets)
   repl = shd.replicated(mesh)
   if training:
     optimizer = make_optimizer(config)
     abstract = _abstract_train_state(model, optimizer, config)
     full_abstract = abstract.frozen["params"] if finetuning(config) else abstract.params
-    full_sh = shd.logical_to_sharding(backbone.param_specs(model), full_abstract, mesh)
+    full_sh = shd.logical_to_sharding(specs, full_abstract, mesh)
     frozen_sh = None
     if finetuning(config):
       param_sh = _trained_shardings(config, abstract.params, full_sh)
@@ -372,8 +372,8 @@ def build(config, mesh, *, training: bool) -> Experiment:
                            nonfinite_step=repl, nonfinite_kind=repl, frozen=frozen_sh)
   else:
     optimizer = None
-    abstract = _abstract_inference_state(model, config)
-    param_sh = shd.logical_to_sharding(backbone.param_specs(model), abstract.params, mesh)
+    abstract = _abstract_inference_state(model, config, abstract_params)
+    param_sh = shd.logical_to_sharding(specs, abstract.params, mesh)
     shardings = InferenceState(step=repl, params=param_sh, basis=repl, scale=repl)
   return Experiment(config=config, mesh=mesh, model=model, optimizer=optimizer, abstract=abstract,
                     shardings=shardings)

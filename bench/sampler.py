@@ -31,7 +31,7 @@ def main():
   config = common.load_config(args.config, args.set)
   model = experiment.model_from_config(config)
   m = config.model
-  params = asymjit.init_params(model, jax.random.key(0))
+  params = jax.jit(lambda key: asymjit.init_params(model, key))(jax.random.key(0))   # one program, not one per op
   basis = jnp.asarray(subspace_lib.random_subspace(model.config.patch_dim, m.rank, seed=0))
   indices = jnp.arange(args.num)
   guidance, interval = jnp.float32(args.guidance), (jnp.float32(0.0), jnp.float32(1.0))

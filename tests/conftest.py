@@ -76,6 +76,48 @@ def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict:
+  """An uninterrupted 4-step run of ``tests/train_config.py`` on one device (checkpoints at 2 and 4,
+  the end-of-training grid ``samples/step_0000004.png``), trained once per test run (xdist workers
+  share it): {workdir, params, ema} with the final params and EMA as ``keystr(path) -> array``.
+  Read only: copy the workdir before resuming in it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from asymflow_jax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
+
+  def flat(tree):
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  def build(root):
+    state = trainer.train(tiny_train_config(4), str(root / "wd"), progress=False).state
+    assert int(state.step) == 4 and jax.device_count() == 1
+    np.savez(root / "final.npz", **{"params" + k: v for k, v in flat(state.params).items()},
+             **{"ema" + k: v for k, v in flat(state.ema[0]).items()})
+  root = build_once(tmp_path_factory, "tiny-run-4", build)
+  with np.load(root / "final.npz") as f:
+    params = {k[len("params"):]: f[k] for k in f.files if k.startswith("params")}
+    ema = {k[len("ema"):]: f[k] for k in f.files if k.startswith("ema")}
+  return dict(workdir=root / "wd", params=params, ema=ema)
+
+
+def as_killed(workdir, copy, *, checkpoint: int, logged: int) -> pathlib.Path:
+  """``copy``: the finished run ``workdir`` as a kill after step ``logged`` would have left it, with
+  ``checkpoint`` its newest committed step: later step folders, later metrics rows and the
+  end-of-training samples removed. Resuming it must reproduce ``workdir`` exactly."""
+  workdir, copy = pathlib.Path(workdir), pathlib.Path(copy)
+  shutil.copytree(workdir, copy)
+  for step in (copy / "checkpoints").iterdir():
+    if int(step.name) > checkpoint:
+      shutil.rmtree(step)
+  shutil.rmtree(copy / "samples", ignore_errors=True)
+  import json  # pylint: disable=import-outside-toplevel
+  rows = (copy / "metrics.jsonl").read_text().splitlines()
+  (copy / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= logged))
+  return copy
+
+
+@pytest.fixture(scope="session")
 def digit_classifier(fixtures_dir) -> pathlib.Path:
   """The default FDD digit classifier (``classifier.train_classifier(seed=0)``, 600 steps; held-out
   accuracy 0.976), committed so the suite does not retrain it (~1 min of CPU) on every run. Made by
@@ -104,7 +146,7 @@ SPLIT_MODULES = frozenset({
 })
 SLOW_FIRST = (   # module paths (units) or node ids (a parametrized test: all its cases)
     "tests/test_multiprocess.py",
-    "tests/test_train.py::test_eight_devices_match_one_and_restore_on_one",
+    "tests/test_train.py::test_eight_devices_match_one",
     "tests/test_evaluation.py",
     "tests/test_train.py::test_rank_zero_and_full_rank_checkpoint_and_resume",
     "tests/test_train_step_hand.py",

@@ -3,13 +3,12 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=K python tests/multiprocess_worker.py \
         --workdir W --steps S --out OUT.npz \
         [--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I] \
-        [--emulate_processes N]          # single process reading the global batch of N processes
         [--hang_after_checkpoint STEP]   # after checkpoint STEP is committed: write a marker, sleep
         [--lr LR] [--check_only]         # config-agreement check only
 
-``--emulate_processes N`` replaces the input pipeline of a single-process run by the
-concatenation of the N per-process pipelines (process 0's rows first), i.e. exactly the global
-batch that an N-process run assembles, so the two runs can be compared number for number.
+:func:`emulated_make_pipeline` gives a single-process run the concatenation of the N per-process
+pipelines (process 0's rows first), i.e. exactly the global batch that an N-process run assembles,
+so the two runs can be compared number for number (tests/test_multiprocess.py patches it in).
 ``--hang_after_checkpoint`` lets a test SIGKILL the processes at a known point.
 """
 
@@ -35,7 +34,6 @@ def _parse():
   p.add_argument("--num_processes", type=int, default=None)
   p.add_argument("--process_id", type=int, default=None)
   p.add_argument("--mesh", default="1,-1,1")
-  p.add_argument("--emulate_processes", type=int, default=0)
   p.add_argument("--hang_after_checkpoint", type=int, default=0)
   p.add_argument("--lr", type=float, default=None, help="override config.lr (config-agreement test)")
   p.add_argument("--check_only", action="store_true", help="stop after check_config_agreement")
@@ -73,15 +71,14 @@ class _ConcatPipeline:
     return _ConcatIterator(self._pipes)
 
 
-def _emulate(num):
-  from asymflow_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  original = pipeline.make_pipeline
-
+def emulated_make_pipeline(original, num: int):
+  """``data.pipeline.make_pipeline`` of a single process that reads the global batch of ``num``
+  processes (``original`` is the real one)."""
   def make_pipeline(config=None, *, process_index=None, process_count=None, **kw):
     if process_index is not None or process_count is not None:   # e.g. the PCA pass: unchanged
       return original(config, process_index=process_index, process_count=process_count, **kw)
     return _ConcatPipeline([original(config, process_index=i, process_count=num, **kw) for i in range(num)])
-  pipeline.make_pipeline = make_pipeline
+  return make_pipeline
 
 
 def _hang_after(step, workdir):
@@ -109,8 +106,6 @@ def main():
   from asymflow_jax import sharding, trainer  # pylint: disable=import-outside-toplevel
   from tests import train_config  # pylint: disable=import-outside-toplevel
 
-  if args.emulate_processes:
-    _emulate(args.emulate_processes)
   if args.hang_after_checkpoint:
     _hang_after(args.hang_after_checkpoint, args.workdir)
   config = train_config.tiny_train_config(args.steps)

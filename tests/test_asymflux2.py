@@ -14,6 +14,7 @@ from asymflow_jax import asymflow as af
 from asymflow_jax.data import t2i
 from asymflow_jax.models import asymflux2, flux2
 from configs import asymflux2_klein
+from tests.conftest import as_killed
 
 LATENT = flux2.flux2_tiny()            # latent tokens of d = 8 channels, text width 24
 P, C = 2, 3                            # pixel patch 2, RGB: D = 12
@@ -134,11 +135,12 @@ def test_tiny_asymflux2_finetunes_from_records_checkpoints_and_resumes_exactly(l
   base_config.finetune.lora_rank, base_config.finetune.lora_targets = 0, ()
   checkpoint.save_converted(tmp_path / "base", base_config, new, basis, SCALE)
 
-  straight = trainer.train(tiny_asymflux2_config(tmp_path / "data", tmp_path / "base", 2), tmp_path / "a",
-                           progress=False).state
-  trainer.train(tiny_asymflux2_config(tmp_path / "data", tmp_path / "base", 1), tmp_path / "b", progress=False)
-  resumed = trainer.train(tiny_asymflux2_config(tmp_path / "data", tmp_path / "base", 2), tmp_path / "b",
-                          progress=False).state
+  config = tiny_asymflux2_config(tmp_path / "data", tmp_path / "base", 2)
+  no_grid = tiny_asymflux2_config(tmp_path / "data", tmp_path / "base", 2)
+  no_grid.sample.num_images = 0
+  straight = trainer.train(no_grid, tmp_path / "a", progress=False).state
+  as_killed(tmp_path / "a", tmp_path / "b", checkpoint=1, logged=1)   # a kill during step 2, then resumed
+  resumed = trainer.train(config, tmp_path / "b", progress=False).state
   for a, b in ((straight.params, resumed.params), (straight.ema, resumed.ema), (straight.opt_state, resumed.opt_state)):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
   lora = resumed.params["lora"]
@@ -149,7 +151,9 @@ def test_tiny_asymflux2_finetunes_from_records_checkpoints_and_resumes_exactly(l
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, resumed.frozen["params"]),
                jax.tree.map(np.asarray, new))                                                  # the teacher never moves
   metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-  assert 0 <= metrics[-1]["vr_coef"] <= 1 and np.isfinite(metrics[-1]["loss"])
+  straight_losses = [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert [m["loss"] for m in metrics] == straight_losses                  # the same batches and noise after the restart
+  assert [m["step"] for m in metrics] == [1, 2] and 0 <= metrics[-1]["vr_coef"] <= 1 and np.isfinite(metrics[-1]["loss"])
   assert (tmp_path / "b" / "samples" / "step_0000002.png").exists()
 
   # The sample CLI on the finetuned workdir: the dataset's first prompts, one PNG each, same as the trainer's grid

@@ -339,12 +339,15 @@ def test_b16_init_and_jitted_forward():
   model = JiT(cfg)
   rng = np.random.default_rng(0)
   basis = jnp.asarray(np.linalg.qr(rng.normal(size=(768, 8)))[0], jnp.float32)
-  params = jax.jit(lambda k: init_params(model, k, basis))(jax.random.key(0))
+  # 130M random draws and a 256x256 forward: at the suite's XLA optimisation level 0 running them
+  # costs more than compiling them at level 2
+  optimised = {"xla_backend_optimization_level": 2}
+  params = jax.jit(lambda k: init_params(model, k, basis), compiler_options=optimised)(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (2, 256, 256, 3))
   sigma = jnp.array([0.5, 0.02], jnp.float32)
   labels = jnp.array([3, 1000], jnp.int32)
   fwd = jax.jit(lambda p, x, s, y: asymjit_apply(model, p, x, s, y, basis, sigma_min=af.EVAL_SIGMA_MIN,
-                                                 return_u_a=True))
+                                                 return_u_a=True), compiler_options=optimised)
   v, u_a = fwd(params, x, sigma, labels)
   assert v.shape == (2, 256, 256, 3) and u_a.shape == (2, 256, 768)
   # Zero-initialised final layer: u_A = 0, so u = (I - Pi) x_t / max(sigma, sigma_min).

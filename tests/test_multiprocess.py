@@ -3,8 +3,10 @@
 The 2-process runs go through ``launch/local_multiprocess.py`` with ``tests/multiprocess_worker.py``.
 Each process reads its own strided shard of the data (grain per-process sharding), so the global
 batch of a 2-process run is NOT the batch of a plain 1-process run; the single-process reference
-therefore reads the concatenation of the two per-process pipelines (``--emulate_processes 2``),
-which is exactly the global batch the 2 processes assemble.
+(in the pytest process) therefore reads the concatenation of the two per-process pipelines
+(``multiprocess_worker.emulated_make_pipeline``), which is exactly the global batch the 2
+processes assemble. One 2-process job serves all tests: killed after its step-2 checkpoint, then
+resumed to step 4 by a second launch.
 """
 
 import json
@@ -28,6 +30,8 @@ from asymflow_jax import distributed
 from asymflow_jax import image_io
 from asymflow_jax import sample
 from asymflow_jax import trainer
+from asymflow_jax.data import pipeline
+from tests import multiprocess_worker
 from tests.conftest import FAST_XLA_FLAGS, build_once
 from tests.train_config import tiny_train_config
 
@@ -60,13 +64,6 @@ def _two_processes(workdir, steps, out, *extra):
   return proc.stdout
 
 
-def _one_process(workdir, steps, out, devices, *extra):
-  proc = subprocess.run([sys.executable, WORKER, f"--workdir={workdir}", f"--steps={steps}", f"--out={out}", *extra],
-                        env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  return proc.stdout
-
-
 def _infos(stdout):
   return [json.loads(line.split("WORKER_INFO ", 1)[1]) for line in stdout.splitlines() if "WORKER_INFO " in line]
 
@@ -86,76 +83,86 @@ def _losses(workdir):
     return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory):
-  """2 processes x 2 devices, 4 steps, checkpoints at 2 and 4; computed once per test run (xdist-safe)."""
-  def build(root):
-    root.mkdir(parents=True)
-    (root / "stdout").write_text(_two_processes(root / "wd", 4, root / "final.npz"))
-  root = build_once(tmp_path_factory, "mp-uninterrupted", build)
-  return dict(workdir=root / "wd", out=root / "final.npz", stdout=(root / "stdout").read_text())
-
-
-def test_two_processes_match_one_process_on_the_same_global_batch(request, tmp_path):
-  _one_process(tmp_path / "one", 4, tmp_path / "one.npz", 4, f"--mesh={MESH}", "--emulate_processes=2", "--no_samples")
-  uninterrupted = request.getfixturevalue("uninterrupted")   # late: if another xdist worker makes it, meanwhile
-  infos = sorted(_infos(uninterrupted["stdout"]), key=lambda i: i["process_index"])
-  assert [(i["process_index"], i["process_count"], i["device_count"], i["local_device_count"], i["step"])
-          for i in infos] == [(0, 2, 4, 2, 4), (1, 2, 4, 2, 4)]
-  assert infos[0]["device_processes"] == [0, 0, 1, 1]          # process 0's rows come first in the batch
-  assert infos[0]["config_sha256"] == infos[1]["config_sha256"]
-  multi, single = _losses(uninterrupted["workdir"]), _losses(tmp_path / "one")
-  assert [s for s, _ in multi] == [s for s, _ in single] == [1, 2, 3, 4]
-  for (step, lm), (_, ls) in zip(multi, single):
-    assert abs(lm - ls) <= 1e-5 * abs(ls), (step, lm, ls)
-  pm, ps = _params(uninterrupted["out"]), _params(tmp_path / "one.npz")
-  assert len(pm) == len(ps) > 10 and pm.keys() == ps.keys()
-  for k in ps:
-    np.testing.assert_allclose(pm[k], ps[k], rtol=1e-4, atol=1e-6, err_msg=k)
-  assert sorted(os.listdir(uninterrupted["workdir"] / "checkpoints")) == ["2", "4"]
-
-
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(request, tmp_path):
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_launch_cmd(workdir, 4, tmp_path / "unused.npz", "--hang_after_checkpoint=2", "--no_samples"),
+def _kill_after_checkpoint(workdir, step):
+  """Launches 2 processes to step 4 and SIGKILLs the launcher and both processes once checkpoint
+  ``step`` is committed (each process then waits in the worker's hang). What the kill left behind."""
+  proc = subprocess.Popen(_launch_cmd(workdir, 4, workdir.parent / "unused.npz", f"--hang_after_checkpoint={step}",
+                                      "--no_samples"),
                           env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
   try:
     deadline = time.time() + TIMEOUT
     while not all((workdir / f"hang_{i}").exists() for i in (0, 1)):
       assert proc.poll() is None, proc.stdout.read()[-4000:]
-      assert time.time() < deadline, "the step-2 checkpoint never appeared"
+      assert time.time() < deadline, f"the step-{step} checkpoint never appeared"
       time.sleep(0.2)
   finally:
     os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both training processes, mid-run
     proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]   # committed; nothing after step 2
-  assert [s for s, _ in _losses(workdir)] == [1, 2]
   for i in (0, 1):
     (workdir / f"hang_{i}").unlink()
-
-  stdout = _two_processes(workdir, 4, tmp_path / "resumed.npz", "--no_samples")   # fresh coordinator port, resumes at 2
-  assert "resumed from step 2" in stdout
-  assert not (workdir / "samples").exists()   # sample.num_images = 0: no grid at the end
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  uninterrupted = request.getfixturevalue("uninterrupted")
-  want, got = _params(uninterrupted["out"]), _params(tmp_path / "resumed.npz")
-  assert want.keys() == got.keys()
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert _losses(workdir) == _losses(uninterrupted["workdir"])   # same batches and noise after the restart
+  return dict(returncode=proc.returncode, checkpoints=sorted(os.listdir(workdir / "checkpoints")),
+              logged_steps=[s for s, _ in _losses(workdir)])
 
 
-def test_two_process_checkpoint_restores_in_one_process(uninterrupted, tmp_path):
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+  """The 2-process job of these tests (2 processes x 2 devices, mesh data=2 x fsdp=2, 4 steps,
+  checkpoints at 2 and 4), computed once per test run (xdist-safe): SIGKILLed once checkpoint 2 is
+  committed, then resumed by a fresh 2-process launch (new coordinator port) to step 4, which
+  writes the end-of-training sample grid. ``killed`` is what the kill left behind."""
+  def build(root):
+    root.mkdir(parents=True)
+    killed = _kill_after_checkpoint(root / "wd", 2)
+    (root / "killed.json").write_text(json.dumps(killed))
+    (root / "stdout").write_text(_two_processes(root / "wd", 4, root / "final.npz"))
+  root = build_once(tmp_path_factory, "mp-killed-resumed", build)
+  return dict(workdir=root / "wd", out=root / "final.npz", stdout=(root / "stdout").read_text(),
+              killed=json.loads((root / "killed.json").read_text()))
+
+
+def test_sigkill_after_checkpoint_then_resume(two_process_run):
+  killed = two_process_run["killed"]
+  assert killed == dict(returncode=-signal.SIGKILL, checkpoints=["2"], logged_steps=[1, 2])   # nothing after step 2
+  assert "resumed from step 2" in two_process_run["stdout"]
+  assert sorted(os.listdir(two_process_run["workdir"] / "checkpoints")) == ["2", "4"]
+  assert [s for s, _ in _losses(two_process_run["workdir"])] == [1, 2, 3, 4]   # each step logged once
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(two_process_run, tmp_path, monkeypatch):
+  """The killed-and-resumed 2-process run equals, to float32 reduction-order tolerance, a plain run
+  on this 1-device process that reads the same global batches (the 2 per-process pipelines
+  concatenated, process 0's rows first). Any error in the restored data-iterator or noise state
+  after the restart would change the losses of steps 3 and 4 by far more."""
+  infos = sorted(_infos(two_process_run["stdout"]), key=lambda i: i["process_index"])
+  assert [(i["process_index"], i["process_count"], i["device_count"], i["local_device_count"], i["step"])
+          for i in infos] == [(0, 2, 4, 2, 4), (1, 2, 4, 2, 4)]
+  assert infos[0]["device_processes"] == [0, 0, 1, 1]          # process 0's rows come first in the batch
+  assert infos[0]["config_sha256"] == infos[1]["config_sha256"]
+  monkeypatch.setattr(pipeline, "make_pipeline", multiprocess_worker.emulated_make_pipeline(pipeline.make_pipeline, 2))
+  config = tiny_train_config(4)
+  config.sample.num_images = 0
+  single = trainer.train(config, str(tmp_path / "one"), progress=False).state
+  assert jax.device_count() == 1
+  multi, losses = _losses(two_process_run["workdir"]), _losses(tmp_path / "one")
+  assert [s for s, _ in multi] == [s for s, _ in losses] == [1, 2, 3, 4]
+  for (step, lm), (_, ls) in zip(multi, losses):
+    assert abs(lm - ls) <= 1e-5 * abs(ls), (step, lm, ls)
+  pm, ps = _params(two_process_run["out"]), _flat(single.params)
+  assert len(pm) == len(ps) > 10 and pm.keys() == ps.keys()
+  for k in ps:
+    np.testing.assert_allclose(pm[k], ps[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_two_process_checkpoint_restores_in_one_process(two_process_run, tmp_path):
   # in this pytest process: 1 process x 1 device
   assert jax.process_count() == 1 and jax.device_count() == 1
   workdir = tmp_path / "copy"
-  shutil.copytree(uninterrupted["workdir"], workdir)
+  shutil.copytree(two_process_run["workdir"], workdir)
   # num_steps = 4 = the latest checkpoint: train() only restores
   restored = trainer.train(tiny_train_config(4), str(workdir), progress=False)
   assert restored.status == trainer.COMPLETED and int(restored.state.step) == 4
-  want, got = _params(uninterrupted["out"]), _flat(restored.state.params)
+  want, got = _params(two_process_run["out"]), _flat(restored.state.params)
   assert want.keys() == got.keys() and len(want) > 10
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -175,7 +182,7 @@ def test_two_process_checkpoint_restores_in_one_process(uninterrupted, tmp_path)
   assert six.status == trainer.COMPLETED and int(six.state.step) == 6
   losses = _losses(workdir)
   assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in losses)
-  assert losses[:4] == _losses(uninterrupted["workdir"])
+  assert losses[:4] == _losses(two_process_run["workdir"])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
   six = _flat(six.state.params)
   assert any(not np.array_equal(six[k], want[k]) for k in want)

@@ -2,17 +2,12 @@
 
 import numpy as np
 
-from asymflow_jax import sample, trainer
-from tests.train_config import tiny_train_config
+from asymflow_jax import sample
 
 
-def test_sample_cli_writes_grid_and_is_batch_independent(tmp_path):
-  config = tiny_train_config(2)
-  config.sample.num_images = 10
-  config.sample.num_steps = 2
-  workdir = str(tmp_path / "wd")
-  trainer.train(config, workdir, progress=False)
-  assert (tmp_path / "wd" / "samples" / "step_0000002.png").exists()   # the end-of-training grid
+def test_sample_cli_writes_grid_and_is_batch_independent(tiny_run, tmp_path):
+  workdir = str(tiny_run["workdir"])   # read only: the CLI writes to --out
+  assert (tiny_run["workdir"] / "samples" / "step_0000004.png").exists()   # the end-of-training grid
   args = ["--workdir", workdir, "--num", "10", "--steps", "3", "--guidance", "1.5"]
   assert sample.main(args + ["--batch", "10", "--out", str(tmp_path / "a")]) == 0
   assert sample.main(args + ["--batch", "4", "--out", str(tmp_path / "b")]) == 0

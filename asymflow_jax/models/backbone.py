@@ -65,6 +65,12 @@ def param_specs(model):
   return flux2.param_specs(model) if is_text(model) else jit_model.param_specs(model)
 
 
+def abstract_params_and_specs(model):
+  """(:func:`abstract_params`, :func:`param_specs`) from one abstract init (one trace of the model)."""
+  boxed = flux2.abstract_params(model) if is_text(model) else jit_model.abstract_params(model)
+  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def velocity(model, params, x_t, sigma, cond, basis, *, scale=1.0, sigma_min: float, train: bool = False,
              rngs=None, lora=None):
   """The AsymFlow velocity (B, H, W, C) float32 of either backbone; ``cond`` as in the module docstring."""
