@@ -29,6 +29,7 @@ LAYERS = {
     "asymflow_jax.models.backbone": BLOCKS,
     "asymflow_jax.flux2_import": BLOCKS,
     "asymflow_jax.models.dinov2": BLOCKS,
+    "asymflow_jax.models.repa": BLOCKS,
     "asymflow_jax.dinov2_import": BLOCKS,
     "asymflow_jax.data.t2i": BLOCKS,
     "asymflow_jax.colorspace": BLOCKS,
