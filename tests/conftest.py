@@ -1,6 +1,7 @@
 """Shared test set-up: CPU only, the committed parity fixtures, a bounded hypothesis profile."""
 
 import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -75,6 +76,13 @@ def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
   return path
 
 
+def flat_params(tree) -> dict:
+  """``keystr(path) -> numpy array`` of a parameter tree (how tests compare and store trees)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
   """An uninterrupted 4-step run of ``tests/train_config.py`` on one device (checkpoints at 2 and 4,
@@ -86,14 +94,11 @@ def tiny_run(tmp_path_factory) -> dict:
   from asymflow_jax import trainer  # pylint: disable=import-outside-toplevel
   from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
 
-  def flat(tree):
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
   def build(root):
     state = trainer.train(tiny_train_config(4), str(root / "wd"), progress=False).state
     assert int(state.step) == 4 and jax.device_count() == 1
-    np.savez(root / "final.npz", **{"params" + k: v for k, v in flat(state.params).items()},
-             **{"ema" + k: v for k, v in flat(state.ema[0]).items()})
+    np.savez(root / "final.npz", **{"params" + k: v for k, v in flat_params(state.params).items()},
+             **{"ema" + k: v for k, v in flat_params(state.ema[0]).items()})
   root = build_once(tmp_path_factory, "tiny-run-4", build)
   with np.load(root / "final.npz") as f:
     params = {k[len("params"):]: f[k] for k in f.files if k.startswith("params")}
@@ -111,7 +116,6 @@ def as_killed(workdir, copy, *, checkpoint: int, logged: int) -> pathlib.Path:
     if int(step.name) > checkpoint:
       shutil.rmtree(step)
   shutil.rmtree(copy / "samples", ignore_errors=True)
-  import json  # pylint: disable=import-outside-toplevel
   rows = (copy / "metrics.jsonl").read_text().splitlines()
   (copy / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= logged))
   return copy

@@ -4,7 +4,8 @@
 
 FAULT is what happens just before the N-th batch of this process is read: ``raise`` (a
 RuntimeError, as a bad record would), ``interrupt`` (KeyboardInterrupt, as Ctrl-C), ``sigterm``
-(SIGTERM to this process, as a preemption notice), or ``none``.
+(SIGTERM to this process, as a preemption notice), ``nan_pixel`` (that batch's first pixel is NaN, as a
+corrupt record that still decodes), or ``none``. :func:`faulty_make_pipeline` also serves in-process tests.
 """
 
 import os
@@ -12,6 +13,8 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
 
 from asymflow_jax import train  # noqa: E402
 from asymflow_jax.data import pipeline  # noqa: E402
@@ -33,6 +36,11 @@ class _Faulty:
         raise KeyboardInterrupt
       if self._fault == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+      if self._fault == "nan_pixel":
+        batch = dict(next(self._it))
+        batch["image"] = np.array(batch["image"])
+        batch["image"][0, 0, 0, 0] = np.nan
+        return batch
     return next(self._it)
 
   def get_state(self):
@@ -42,11 +50,9 @@ class _Faulty:
     self._it.set_state(state)
 
 
-def main():
-  fault, at = sys.argv[1], int(sys.argv[2])
-  assert sys.argv[3] == "--"
-  original = pipeline.make_pipeline
-
+def faulty_make_pipeline(original, fault: str, at: int):
+  """``data.pipeline.make_pipeline`` whose training stream has ``fault`` before its ``at``-th batch
+  (``original`` is the real one; the PCA pass over the data is unchanged)."""
   def make_pipeline(*args, **kwargs):
     pipe = original(*args, **kwargs)
     if kwargs.get("num_epochs") is not None:   # the PCA pass over the data: unchanged
@@ -58,8 +64,13 @@ def main():
         return _Faulty(iter(dataset), fault, at)
     pipe.dataset = _Dataset()
     return pipe
+  return make_pipeline
 
-  pipeline.make_pipeline = make_pipeline
+
+def main():
+  fault, at = sys.argv[1], int(sys.argv[2])
+  assert sys.argv[3] == "--"
+  pipeline.make_pipeline = faulty_make_pipeline(pipeline.make_pipeline, fault, at)
   sys.argv = [sys.argv[0]] + sys.argv[4:]
   train._cli()  # pylint: disable=protected-access
 

@@ -32,7 +32,7 @@ from asymflow_jax import sample
 from asymflow_jax import trainer
 from asymflow_jax.data import pipeline
 from tests import multiprocess_worker
-from tests.conftest import FAST_XLA_FLAGS, build_once
+from tests.conftest import FAST_XLA_FLAGS, build_once, flat_params
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,11 +71,6 @@ def _infos(stdout):
 def _params(path):
   with np.load(path) as f:
     return {k: f[k] for k in f.files if k.startswith("[")}
-
-
-def _flat(params):
-  """As the worker writes them: ``keystr(path) -> array``."""
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def _losses(workdir):
@@ -148,7 +143,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
   assert [s for s, _ in multi] == [s for s, _ in losses] == [1, 2, 3, 4]
   for (step, lm), (_, ls) in zip(multi, losses):
     assert abs(lm - ls) <= 1e-5 * abs(ls), (step, lm, ls)
-  pm, ps = _params(two_process_run["out"]), _flat(single.params)
+  pm, ps = _params(two_process_run["out"]), flat_params(single.params)
   assert len(pm) == len(ps) > 10 and pm.keys() == ps.keys()
   for k in ps:
     np.testing.assert_allclose(pm[k], ps[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -162,7 +157,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, tmp_pat
   # num_steps = 4 = the latest checkpoint: train() only restores
   restored = trainer.train(tiny_train_config(4), str(workdir), progress=False)
   assert restored.status == trainer.COMPLETED and int(restored.state.step) == 4
-  want, got = _params(two_process_run["out"]), _flat(restored.state.params)
+  want, got = _params(two_process_run["out"]), flat_params(restored.state.params)
   assert want.keys() == got.keys() and len(want) > 10
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -184,7 +179,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, tmp_pat
   assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for _, v in losses)
   assert losses[:4] == _losses(two_process_run["workdir"])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
-  six = _flat(six.state.params)
+  six = flat_params(six.state.params)
   assert any(not np.array_equal(six[k], want[k]) for k in want)
 
 

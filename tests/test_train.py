@@ -20,7 +20,8 @@ from asymflow_jax import objective
 from asymflow_jax import trainer
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.models import asymjit
-from tests.conftest import as_killed, subprocess_env
+from tests import fault_worker
+from tests.conftest import as_killed, flat_params, subprocess_env
 from tests.train_config import tiny_train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,10 +38,6 @@ def _run_worker(workdir, steps, out, devices, mesh="1,-1,1"):
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def _flat(params):
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def _resume_after_a_kill(straight_workdir, workdir, config):
@@ -126,11 +123,11 @@ def test_resume_is_exact(tiny_run, tmp_path):
   straight = tiny_run
   resumed = _resume_after_a_kill(straight["workdir"], tmp_path / "b", tiny_train_config(4))
   assert int(resumed.step) == 4
-  flat = _flat(resumed.params)
+  flat = flat_params(resumed.params)
   assert flat.keys() == straight["params"].keys()
   for k, v in straight["params"].items():
     np.testing.assert_array_equal(flat[k], v, err_msg=k)
-  flat = _flat(resumed.ema[0])
+  flat = flat_params(resumed.ema[0])
   assert flat.keys() == straight["ema"].keys()
   for k, v in straight["ema"].items():
     np.testing.assert_array_equal(flat[k], v, err_msg=k)
@@ -165,40 +162,11 @@ def test_eight_devices_match_one(request, tmp_path):
     np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-class _NanImageAtFirstBatch:
-  """The pipeline's iterator with one NaN pixel in the first batch (a corrupt record that decodes)."""
-
-  def __init__(self, it):
-    self._it, self._n = it, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch, self._n = dict(next(self._it)), self._n + 1
-    if self._n == 1:
-      batch["image"] = np.array(batch["image"])
-      batch["image"][0, 0, 0, 0] = np.nan
-    return batch
-
-  def get_state(self):
-    return self._it.get_state()
-
-  def set_state(self, state):
-    self._it.set_state(state)
-
-
 def test_nonfinite_loss_is_reported_and_not_saved(tmp_path, monkeypatch):
   # (which quantity is non-finite, the step skip and its record: tests/test_train_step_hand.py; here the
   # train loop's report. The tiny config's own program: a NaN pixel, not an absurd lr, breaks step 1.)
-  original = data_pipeline.make_pipeline
-
-  def make_pipeline(*args, **kwargs):
-    pipe = original(*args, **kwargs)
-    if kwargs.get("num_epochs") is None:   # the training stream (not the PCA pass)
-      pipe.dataset = type("Dataset", (), {"__iter__": lambda _, d=pipe.dataset: _NanImageAtFirstBatch(iter(d))})()
-    return pipe
-  monkeypatch.setattr(data_pipeline, "make_pipeline", make_pipeline)
+  monkeypatch.setattr(data_pipeline, "make_pipeline",
+                      fault_worker.faulty_make_pipeline(data_pipeline.make_pipeline, "nan_pixel", 1))
   with pytest.raises(FloatingPointError, match=r"non-finite loss and gradient and update at step 1 .*no checkpoint "
                                                r"was written after it \(latest: step None\)"):
     trainer.train(tiny_train_config(4), str(tmp_path), progress=False)
@@ -270,16 +238,16 @@ def test_mesh_recipes_and_config_args():
 @pytest.mark.parametrize("rank,projected_init", [(0, True), (16, False)])
 def test_rank_zero_and_full_rank_checkpoint_and_resume(tmp_path, rank, projected_init):
   # r = 0 (JiT x0-prediction, an empty (D, 0) basis) and r = D (velocity prediction) train, save and resume
-  def config(steps, grid=True):
-    c = tiny_train_config(steps)
+  def config(grid=True):
+    c = tiny_train_config(4)
     c.model.rank, c.model.projected_init = rank, projected_init
     c.sample.num_images = c.sample.num_images if grid else 0   # one end-of-run grid (the resumed run's)
     return c
-  straight = trainer.train(config(4, grid=False), str(tmp_path / "a"), progress=False).state
-  resumed = _resume_after_a_kill(tmp_path / "a", tmp_path / "b", config(4))
+  straight = trainer.train(config(grid=False), str(tmp_path / "a"), progress=False).state
+  resumed = _resume_after_a_kill(tmp_path / "a", tmp_path / "b", config())
   assert straight.basis.shape == resumed.basis.shape == (16, rank)
   assert int(resumed.step) == 4
-  for k, v in _flat(straight.params).items():
-    np.testing.assert_array_equal(_flat(resumed.params)[k], v, err_msg=k)
+  for k, v in flat_params(straight.params).items():
+    np.testing.assert_array_equal(flat_params(resumed.params)[k], v, err_msg=k)
   assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
   assert (tmp_path / "b" / "samples" / "step_0000004.png").exists()

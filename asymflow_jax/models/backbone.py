@@ -54,20 +54,23 @@ def init_params(model, key, basis=None):
   return asymjit.init_params(model, key, basis)
 
 
+def _boxed_abstract_params(model):
+  return flux2.abstract_params(model) if is_text(model) else jit_model.abstract_params(model)
+
+
 def abstract_params(model):
   """Unboxed parameter ShapeDtypeStructs (nothing allocated)."""
-  tree = flux2.abstract_params(model) if is_text(model) else jit_model.abstract_params(model)
-  return nn.meta.unbox(tree)
+  return nn.meta.unbox(_boxed_abstract_params(model))
 
 
 def param_specs(model):
   """Logical PartitionSpecs (tree like the params)."""
-  return flux2.param_specs(model) if is_text(model) else jit_model.param_specs(model)
+  return nn.get_partition_spec(_boxed_abstract_params(model))
 
 
 def abstract_params_and_specs(model):
   """(:func:`abstract_params`, :func:`param_specs`) from one abstract init (one trace of the model)."""
-  boxed = flux2.abstract_params(model) if is_text(model) else jit_model.abstract_params(model)
+  boxed = _boxed_abstract_params(model)
   return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
