@@ -278,13 +278,13 @@ def _restore_train_step(mngr, exp: experiment.Experiment, step: int, frozen=None
                                   nonfinite_kind=meta["nonfinite_kind"], frozen=frozen)
     data = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] if "data" in present else {}
     return state, data or {}
-  if frozen is not None:
+  if experiment.finetuning(exp.config):
     raise CheckpointError(f"step {step} holds weights only; a finetuning workdir's steps hold the full train state.")
   # Converted weights: a fresh optimizer and EMA around the given parameters, the stored subspace.
   sub = subspace_lib.Subspace(basis=np.asarray(jax.device_get(basis)), patch_size=exp.config.model.patch_size,
                               scale=float(jax.device_get(r["subspace"]["scale"])))
   log(f"step {step} holds weights only (a converted checkpoint): starting a fresh optimizer and EMA from them")
-  return exp.init_state(sub, params=r["params"]), {}
+  return exp.init_state(sub, params=r["params"], frozen=frozen), {}
 
 
 def restore_train(workdir, mngr, exp: experiment.Experiment, frozen=None):
@@ -363,7 +363,7 @@ def open_workdir(workdir, *, step: int | None = None, weights: str = "ema_0", me
         have = sorted(n for n in present if n == "params" or n.startswith("ema_"))
         raise ValueError(f"step {step} has no {weights!r} weights; it has {have}.")
     finetuned = experiment.finetuning(config)
-    target = experiment.trained_target(exp) if finetuned else exp.target().params
+    target = experiment.checkpoint_params_target(exp)
     r = _restore_items(mngr, step, {weights: target, "subspace": _subspace_target(exp.abstract, exp.shardings)})
   finally:
     mngr.close()
@@ -373,6 +373,8 @@ def open_workdir(workdir, *, step: int | None = None, weights: str = "ema_0", me
     merge = jax.jit(lambda b, t: experiment.inference_params(config, t, dict(params=b)),
                     out_shardings=exp.shardings.params)
     params = merge(base.params, params)
+  else:
+    params = experiment.inference_params(config, params)
   state = experiment.InferenceState(step=jnp.asarray(step, jnp.int32), params=params,
                                     basis=_restored_basis(r["subspace"], exp.abstract, exp.shardings),
                                     scale=r["subspace"]["scale"])

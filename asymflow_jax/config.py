@@ -22,7 +22,7 @@ from asymflow_jax import sharding as shd
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.data import sources
 from asymflow_jax.data import t2i
-from asymflow_jax.models import backbone, flux2, jit_model
+from asymflow_jax.models import backbone, flux2, jit_model, repa
 
 DTYPES = ("float32", "bfloat16")
 SUBSPACE_KINDS = ("pca", "random", "file")
@@ -163,6 +163,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.lora_alpha = 0.0   # 0 = rank (scale alpha / rank = 1, as the reference)
   c.finetune.lora_dropout = 0.0
   c.finetune.lora_targets = ()  # regexes of Dense module paths, e.g. ("mlp/w12", "mlp/w3", "t_embedder")
+  # REPA (spec section 5): align the hidden state after ``block`` with a frozen encoder; weight 0 = off
+  c.repa = ml_collections.ConfigDict()
+  c.repa.weight = 0.0           # the paper: 0.5 (loss = flow - weight * mean cosine similarity)
+  c.repa.block = 7              # features after this block, 0-based (the paper's "encoder_depth 8")
+  c.repa.projector_dim = 2048   # width of the 3-layer SiLU projector
+  c.repa.encoder = "dinov2_base"  # dinov2_{small,base,large,giant,tiny} | vgg16 (the LPIPS package's ImageNet VGG16)
+  c.repa.encoder_path = ""      # dinov2: a transformers checkpoint folder (config.json + safetensors)
+  c.repa.encoder_dtype = "bfloat16"  # the frozen encoder's params and compute
+  c.repa.vgg_tap = 2            # vgg16: relu1_2 .. relu5_3 = 0 .. 4 (input = grid * 2^tap px)
   c.data = data_pipeline.default_data_config()
   c.model = model_config("tiny")
   return c
@@ -334,6 +343,7 @@ def validate_config(config, num_devices: int, process_count: int = 1, *, trainin
     errors.append(f"config.batch_size={config.batch_size} is not divisible by the {process_count} processes.")
   errors += _data_errors(config.data, training, check_files)
   errors += _finetune_errors(config)
+  errors += _repa_errors(config, training, check_files)
   if config.subspace.kind == "file" and not config.subspace.path:
     errors.append("config.subspace.kind='file' needs config.subspace.path (a subspace .npz).")
   e = config.eval
@@ -451,6 +461,38 @@ def _finetune_errors(config) -> list[str]:
   return errors
 
 
+def _repa_errors(config, training: bool, check_files: bool) -> list[str]:
+  """REPA: an AsymJiT flow run from scratch, a block that exists, a known encoder and its weights."""
+  r, m = config.repa, config.model
+  if not r.weight:
+    return []
+  errors = []
+  if not (_number(r.weight) and r.weight > 0):
+    return [f"config.repa.weight={r.weight!r}: expected a number >= 0 (0 = no REPA)."]
+  if m.family != "jit" or config.objective != "flow" or config.finetune.base:
+    errors.append(f"config.repa.weight={r.weight}: REPA is implemented for AsymJiT trained from scratch with "
+                  f"objective 'flow' (got model.family={m.family!r}, objective={config.objective!r}, "
+                  f"finetune.base={config.finetune.base!r}).")
+  elif not (isinstance(r.block, int) and 0 <= r.block < m.depth):
+    errors.append(f"config.repa.block={r.block!r}: expected a block index in [0, model.depth={m.depth}).")
+  if r.encoder not in repa.ENCODERS:
+    errors.append(f"config.repa.encoder={r.encoder!r}: expected one of {repa.ENCODERS}.")
+  if r.encoder_dtype not in backbone.DTYPES:
+    errors.append(f"config.repa.encoder_dtype={r.encoder_dtype!r}: expected one of {sorted(backbone.DTYPES)}.")
+  if r.encoder == "vgg16" and not (isinstance(r.vgg_tap, int) and 0 <= r.vgg_tap <= 4):
+    errors.append(f"config.repa.vgg_tap={r.vgg_tap!r}: expected 0..4 (relu1_2 .. relu5_3).")
+  if not (isinstance(r.projector_dim, int) and r.projector_dim >= 1):
+    errors.append(f"config.repa.projector_dim={r.projector_dim!r}: expected an integer >= 1.")
+  if training and r.encoder.startswith("dinov2"):
+    if not r.encoder_path:
+      errors.append(f"config.repa.encoder={r.encoder!r} needs config.repa.encoder_path: a transformers DINOv2 "
+                    "folder (config.json + model.safetensors), e.g. a local copy of facebook/dinov2-base.")
+    elif check_files and not epath.Path(r.encoder_path, "config.json").exists():
+      errors.append(f"config.repa.encoder_path={r.encoder_path!r} has no config.json (a transformers DINOv2 "
+                    "checkpoint folder was expected).")
+  return errors
+
+
 # ---------------------------------------------------------------------------- resume compatibility
 
 # Fields that do not change the shapes or structure of the checkpointed state.
@@ -494,6 +536,11 @@ def structural_diff(stored, new) -> list[str]:
     a, b = norm(sf.get(key, defaults[key])), norm(nf.get(key, defaults[key]))
     if a != b:
       out.append(f"finetune.{key}: {a!r} -> {b!r}")
+  sr, nr = ({"weight": 0.0, **c.get("repa", {})} for c in (stored, new))
+  repa_shape = lambda r: (r["weight"] > 0, r.get("projector_dim"), r.get("encoder"), r.get("vgg_tap")) if r["weight"] > 0 \
+      else (False,)
+  if repa_shape(sr) != repa_shape(nr):
+    out.append(f"repa: (on, projector_dim, encoder, vgg_tap) {repa_shape(sr)} -> {repa_shape(nr)} (the trained projector)")
   if (stored.get("grad_clip", 0) > 0) != (new.get("grad_clip", 0) > 0):
     out.append(f"grad_clip: {stored.get('grad_clip')!r} -> {new.get('grad_clip')!r} (optimizer state structure)")
   return out

@@ -22,11 +22,12 @@ import ml_collections
 import optax
 
 from asymflow_jax import config as config_lib
+from asymflow_jax import dinov2_import
 from asymflow_jax import sharding as shd
 from asymflow_jax import subspace as subspace_lib
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.evaluation import lpips
-from asymflow_jax.models import backbone, finetune
+from asymflow_jax.models import backbone, finetune, repa
 
 DTYPES = backbone.DTYPES
 
@@ -48,6 +49,10 @@ class TrainState:
   the networks the step reads but never changes: ``frozen["params"]``, the full base tree (also the
   AsymFlowVR teacher, so frozen weights exist once on device), and ``frozen["lpips"]`` when the
   LPIPS term is on. ``frozen`` is not checkpointed; it is reloaded from the base workdir.
+
+  REPA (``config.repa.weight`` > 0): ``params[REPA_PROJECTOR]`` is the trained projector (in the
+  optimizer and EMA like every parameter; sampling drops it) and ``frozen["repa_encoder"]`` the
+  frozen encoder's weights, reloaded from ``config.repa`` on every start.
   """
 
   step: jax.Array
@@ -176,19 +181,74 @@ def init_trained(config, base, key) -> dict:
 
 
 def inference_params(config, trained, frozen=None):
-  """A plain parameter tree for sampling: ``trained`` itself, or (finetuning) the frozen base with
-  the trained leaves and the LoRA adapters folded in."""
+  """A plain parameter tree for sampling: ``trained`` itself (without a REPA projector), or
+  (finetuning) the frozen base with the trained leaves and the LoRA adapters folded in."""
   if not finetuning(config):
-    return trained
+    return model_params(trained)
   return finetune.merge(frozen["params"], trained, lora_scale(config))
 
 
-def frozen_networks(config, base_params) -> dict:
-  """What a finetuning step reads but never trains: the base tree, and LPIPS weights if used."""
-  frozen = dict(params=base_params)
-  if config.objective == "asymflow_vr" and config.vr.lpips_weight > 0:
-    frozen["lpips"] = lpips.load_lpips_params(config.vr.lpips_net)
+def has_frozen(config) -> bool:
+  """True when the train state carries frozen networks (finetuning base, LPIPS, REPA encoder)."""
+  return finetuning(config) or repa_enabled(config)
+
+
+def frozen_networks(config, base_params=None, *, load: bool = True) -> dict:
+  """What a step reads but never trains: the finetuning base tree (and LPIPS weights if used), the
+  REPA encoder's weights. ``load=False``: the REPA encoder as ShapeDtypeStructs (abstract states)."""
+  frozen = {}
+  if finetuning(config):
+    frozen["params"] = base_params
+    if config.objective == "asymflow_vr" and config.vr.lpips_weight > 0:
+      frozen["lpips"] = lpips.load_lpips_params(config.vr.lpips_net)
+  if repa_enabled(config):
+    frozen[REPA_ENCODER] = load_repa_encoder(config) if load else repa_encoder(config).abstract_params()
   return frozen
+
+
+# ------------------------------------------------------------------------------------------ REPA
+
+REPA_PROJECTOR = "repa_projector"   # key of the trained projector in TrainState.params
+REPA_ENCODER = "repa_encoder"       # key of the frozen encoder's weights in TrainState.frozen
+
+
+def repa_enabled(config) -> bool:
+  return bool(config.get("repa", {}).get("weight", 0.0))
+
+
+def repa_encoder(config) -> repa.Encoder:
+  """The frozen REPA encoder of ``config.repa`` on the model's token grid."""
+  r, m = config.repa, config.model
+  return repa.Encoder(r.encoder, grid=m.input_size // m.patch_size, dtype=DTYPES[r.encoder_dtype], vgg_tap=r.vgg_tap)
+
+
+def repa_projector(config) -> repa.Projector:
+  return repa.Projector(config.repa.projector_dim, repa_encoder(config).dim)
+
+
+def load_repa_encoder(config, shardings=None):
+  """The REPA encoder's weights in ``config.repa.encoder_dtype``: a transformers DINOv2 folder
+  (``repa.encoder_path``; its config.json must be the named size) or the LPIPS package's VGG16."""
+  enc = repa_encoder(config)
+  if enc.kind == "vgg16":
+    params = repa.vgg16_params(lpips.load_lpips_params("vgg"), enc.vgg_tap, enc.dtype)
+    return params if shardings is None else jax.device_put(params, shardings)
+  return dinov2_import.load_hf_dinov2(config.repa.encoder_path, enc.dinov2_config, shardings=shardings,
+                                      dtype=enc.dtype)
+
+
+def model_params(params):
+  """The backbone's parameters of a trained tree (the REPA projector, if any, dropped)."""
+  return {k: v for k, v in params.items() if k != REPA_PROJECTOR} if REPA_PROJECTOR in params else params
+
+
+def init_params(config, model, key, basis=None):
+  """Fresh trained parameters: the backbone's (``basis``: projected init), plus the REPA projector."""
+  params = backbone.init_params(model, key, basis)
+  if repa_enabled(config):
+    h = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
+    params = {**params, REPA_PROJECTOR: repa_projector(config).init(jax.random.fold_in(key, 3), h)["params"]}
+  return params
 
 
 # ------------------------------------------------------------------------------------- subspace
@@ -258,22 +318,22 @@ class Experiment:
     if not self.training:
       raise ValueError("init_state needs a training experiment (build(..., training=True)).")
     config, model, optimizer = self.config, self.model, self.optimizer
-    if finetuning(config) != (frozen is not None):
-      raise ValueError("a finetuning config (finetune.base set) needs frozen=frozen_networks(...), and only it.")
+    if has_frozen(config) != (frozen is not None):
+      raise ValueError("a finetuning or REPA config needs frozen=frozen_networks(...), and only it.")
     projected = sub.rank > 0 and config.model.projected_init and not backbone.is_text(model)
 
     def init(key, basis, given, base):
       if base is not None:
         p = init_trained(config, base, key)
       else:
-        p = given if given is not None else backbone.init_params(model, key, basis if projected else None)
+        p = given if given is not None else init_params(config, model, key, basis if projected else None)
       return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
                         ema=tuple(p for _ in config.ema_decays), rng=jax.random.fold_in(key, 1),
                         basis=basis, scale=jnp.asarray(sub.scale, jnp.float32),
                         nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32))
     out_sh = self.shardings.replace(frozen=None)
     state = jax.jit(init, out_shardings=out_sh)(jax.random.key(config.seed), jnp.asarray(sub.basis), params,
-                                                None if frozen is None else frozen["params"])
+                                                frozen.get("params") if frozen else None)
     if frozen is None:
       return state
     # The frozen networks are not copied: already in place, device_put is a no-op.
@@ -282,21 +342,23 @@ class Experiment:
 
 def _abstract_train_state(model, optimizer, config) -> TrainState:
   d = backbone.patch_dim(model)
-  frozen_extra = ({k: v for k, v in frozen_networks(config, None).items() if k != "params"}
-                  if finetuning(config) else None)
-
   def init():
-    params = backbone.init_params(model, jax.random.key(0))
+    params = init_params(config, model, jax.random.key(0))
     frozen = None
     if finetuning(config):
-      frozen = dict(params=params, **frozen_extra)
+      frozen = dict(params=params)
       params = init_trained(config, params, jax.random.key(0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       ema=tuple(params for _ in config.ema_decays), rng=jax.random.key(0),
                       basis=jnp.zeros((d, config.model.rank)), scale=jnp.zeros(()),
                       nonfinite_step=jnp.zeros((), jnp.int32), nonfinite_kind=jnp.zeros((), jnp.int32),
                       frozen=frozen)
-  return jax.eval_shape(init)
+  abstract = jax.eval_shape(init)
+  if not has_frozen(config):
+    return abstract
+  extra = {k: v for k, v in frozen_networks(config, load=False).items() if k != "params"}
+  extra = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), extra)
+  return abstract.replace(frozen={**(abstract.frozen or {}), **extra})
 
 
 def _trained_shardings(config, trained, full_param_sh):
@@ -332,6 +394,23 @@ def trained_target(exp: "Experiment"):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
 
 
+def checkpoint_params_target(exp: "Experiment"):
+  """What a checkpoint's ``params`` / ``ema_<i>`` item holds (ShapeDtypeStructs with shardings), for an
+  inference experiment: the backbone, plus the REPA projector of a REPA run, or (finetuning) the
+  trained tree. :func:`inference_params` turns the restored tree into the sampling parameters."""
+  config = exp.config
+  if finetuning(config):
+    return trained_target(exp)
+  target = exp.target().params
+  if repa_enabled(config):
+    h = jnp.zeros((1, 1, exp.model.config.hidden_size), jnp.float32)
+    abstract = jax.eval_shape(lambda: repa_projector(config).init(jax.random.key(0), h)["params"])
+    sh = shd.logical_to_sharding(repa.projector_specs(), abstract, exp.mesh)
+    target = {**target, REPA_PROJECTOR: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                      abstract, sh)}
+  return target
+
+
 def _abstract_inference_state(model, config, params) -> InferenceState:
   d = backbone.patch_dim(model)
   return InferenceState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
@@ -356,15 +435,19 @@ def build(config, mesh, *, training: bool) -> Experiment:
   if training:
     optimizer = make_optimizer(config)
     abstract = _abstract_train_state(model, optimizer, config)
+    if repa_enabled(config):   # the trained projector (sampling never reads it)
+      specs = {**specs, REPA_PROJECTOR: repa.projector_specs()}
     full_abstract = abstract.frozen["params"] if finetuning(config) else abstract.params
     full_sh = shd.logical_to_sharding(specs, full_abstract, mesh)
+    param_sh = _trained_shardings(config, abstract.params, full_sh) if finetuning(config) else full_sh
     frozen_sh = None
-    if finetuning(config):
-      param_sh = _trained_shardings(config, abstract.params, full_sh)
-      frozen_sh = {k: (full_sh if k == "params" else jax.tree.map(lambda _: repl, v))
-                   for k, v in abstract.frozen.items()}
-    else:
-      param_sh = full_sh
+    if has_frozen(config):
+      frozen_sh = {k: jax.tree.map(lambda _: repl, v) for k, v in abstract.frozen.items()}
+      if finetuning(config):
+        frozen_sh["params"] = full_sh
+      if repa_enabled(config):   # DINOv2 by the model's logical axes (FSDP); VGG16 replicated
+        frozen_sh[REPA_ENCODER] = shd.logical_to_sharding(repa_encoder(config).param_specs(),
+                                                          abstract.frozen[REPA_ENCODER], mesh)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, param_sh,
                                    transform_non_params=lambda _: repl)
     shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh,

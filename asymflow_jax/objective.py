@@ -33,7 +33,7 @@ from asymflow_jax import experiment
 from asymflow_jax import lift
 from asymflow_jax import sharding as shd
 from asymflow_jax.evaluation import lpips
-from asymflow_jax.models import backbone, finetune
+from asymflow_jax.models import backbone, finetune, repa
 
 SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -49,7 +49,7 @@ def sample_sigma(key, batch: int, config) -> jax.Array:
 def _student(params, frozen, config, k_drop):
   """(parameter tree, LoRA adapters or None, interception context, rngs) of the model being trained."""
   rngs = {"dropout": k_drop}
-  if frozen is None:
+  if not experiment.finetuning(config):
     return params, None, contextlib.nullcontext(), rngs
   f = config.finetune
   ctx = finetune.lora_interceptor(scale=experiment.lora_scale(config), dropout=f.lora_dropout)
@@ -58,7 +58,8 @@ def _student(params, frozen, config, k_drop):
 
 
 def flow_loss(params, batch, key, basis, scale, *, model, config, frozen=None):
-  """Flow-matching loss on the recovered velocity. Returns (mean loss, aux with per-sample loss and sigma)."""
+  """Flow-matching loss on the recovered velocity, plus the REPA term when ``config.repa.weight`` > 0.
+  Returns (mean loss, aux with the per-sample flow loss, sigma and, with REPA, the two terms)."""
   x0 = colorspace.encode(batch["image"], config.model.color_space)
   b = x0.shape[0]
   k_label, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
@@ -66,13 +67,22 @@ def flow_loss(params, batch, key, basis, scale, *, model, config, frozen=None):
   sigma = sample_sigma(k_sigma, b, config)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = af.add_noise(x0, noise, sigma)
-  student, lora, ctx, rngs = _student(params, frozen, config, k_drop)
+  student, lora, ctx, rngs = _student(experiment.model_params(params), frozen, config, k_drop)
+  use_repa = experiment.repa_enabled(config)
   with ctx:
-    u = backbone.velocity(model, student, x_t, sigma, cond, basis, scale=scale, sigma_min=af.TRAIN_SIGMA_MIN,
-                          train=True, rngs=rngs, lora=lora)
+    out = backbone.velocity(model, student, x_t, sigma, cond, basis, scale=scale, sigma_min=af.TRAIN_SIGMA_MIN,
+                            train=True, rngs=rngs, lora=lora, features_after=config.repa.block if use_repa else None)
+  u, features = out if use_repa else (out, None)
   w = (sigma / jnp.maximum(sigma, config.loss_sigma_min))[:, None, None, None]
   per_sample = jnp.mean(jnp.square(w * (u - (noise - x0))), axis=(1, 2, 3))
-  return jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma)
+  loss, aux = jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma)
+  if use_repa:   # clean RGB images -> the frozen encoder's tokens; the projector is trained
+    target = experiment.repa_encoder(config).tokens(frozen[experiment.REPA_ENCODER], batch["image"])
+    loss_repa = repa.repa_loss(experiment.repa_projector(config), params[experiment.REPA_PROJECTOR], features,
+                               target, config.repa.weight)
+    aux.update(loss_flow=loss, loss_repa=loss_repa)
+    loss = loss + loss_repa
+  return loss, aux
 
 
 def vr_loss(params, batch, key, basis, scale, *, model, config, frozen):

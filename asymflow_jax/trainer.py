@@ -131,15 +131,16 @@ def train(config, workdir, *, progress: bool = True, stop_requested: Callable[[]
   mngr = checkpoint.manager(workdir, config)
   try:
     frozen, base_sub = _load_base(config, exp) if experiment.finetuning(config) else (None, None)
+    if experiment.repa_enabled(config):   # the frozen encoder, streamed into its shardings
+      frozen = {experiment.REPA_ENCODER: experiment.load_repa_encoder(
+          config, exp.shardings.frozen[experiment.REPA_ENCODER])}
     restored = checkpoint.restore_train(workdir, mngr, exp, frozen=frozen)
     if restored is not None:
       state, data = restored
       _restore_iterator(iterator, data)
       log(f"resumed from step {int(state.step)}")
-    elif frozen is not None:
-      state = exp.init_state(base_sub, frozen=frozen)
     else:
-      state = exp.init_state(experiment.make_subspace(config))
+      state = exp.init_state(base_sub if base_sub is not None else experiment.make_subspace(config), frozen=frozen)
     checkpoint.write_config(workdir, config)
     result = _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requested or (lambda: False))
     mngr.wait_until_finished()

@@ -1,9 +1,11 @@
-"""Collects a rank-ablation sweep into a markdown table and a PNG plot of FDD vs training step.
+"""Collects an ablation sweep into a markdown table and a PNG plot of FDD vs training step.
 
-    python bench/ablation_report.py workdirs/ablation --out docs/ablation
+    python bench/ablation_report.py workdirs/ablation --out docs/ablation [--title TEXT]
     -> docs/ablation_table.md, docs/ablation_fdd.png
 
-Every run folder holds metrics.jsonl (eval_fdd rows from config.eval) and config.json.
+Every run folder holds metrics.jsonl (eval_fdd rows from config.eval) and config.json. Runs that
+differ only in ``seed`` are one arm: with several seeds the table gives mean ± sample std (n) per
+evaluation step and the plot a band of ± one std around the mean.
 """
 
 from __future__ import annotations
@@ -12,8 +14,24 @@ import argparse
 import json
 import os
 
+import numpy as np
+
+
+def arm_label(config: dict) -> str:
+  """The arm of a run, from its config: rank and subspace kind (r = 0 and r = D have none), + REPA."""
+  m = config["model"]
+  label = f"r={m['rank']}"
+  if 0 < m["rank"] < m["patch_size"] ** 2 * m["in_channels"]:
+    label += f" {config['subspace']['kind']}"
+  repa = config.get("repa", {})
+  if repa.get("weight", 0) > 0:
+    tap = f" relu{repa['vgg_tap'] + 1}" if repa["encoder"] == "vgg16" else ""
+    label += f" + REPA ({repa['encoder']}{tap}, block {repa['block']}, weight {repa['weight']})"
+  return label
+
 
 def load_runs(root: str) -> dict[str, dict]:
+  """{folder name: {label, seed, rank, kind, fdd {step: value}, loss {step: value}}}."""
   runs = {}
   for name in sorted(os.listdir(root)):
     metrics = os.path.join(root, name, "metrics.jsonl")
@@ -28,38 +46,71 @@ def load_runs(root: str) -> dict[str, dict]:
           evals[row["step"]] = row["eval_fdd"]
         if "loss" in row:
           losses[row["step"]] = row["loss"]
-    m = config["model"]
-    label = f"r={m['rank']} {config['subspace']['kind'] if 0 < m['rank'] < m['patch_size'] ** 2 * m['in_channels'] else ''}"
-    runs[name] = dict(label=label.strip(), rank=m["rank"], kind=config["subspace"]["kind"], fdd=evals, loss=losses)
+    runs[name] = dict(label=arm_label(config), seed=config.get("seed", 0), rank=config["model"]["rank"],
+                      kind=config["subspace"]["kind"], fdd=evals, loss=losses)
   return runs
 
 
+def arms(runs: dict[str, dict]) -> list[dict]:
+  """Runs grouped by label, in table order: {label, seeds, rank, kind, fdd {step: [per seed]}, loss [...]}."""
+  groups: dict[str, dict] = {}
+  for r in sorted(runs.values(), key=lambda r: r["seed"]):
+    g = groups.setdefault(r["label"], dict(label=r["label"], seeds=[], rank=r["rank"], kind=r["kind"], fdd={},
+                                           loss=[]))
+    g["seeds"].append(r["seed"])
+    for s, v in r["fdd"].items():
+      g["fdd"].setdefault(s, []).append(v)
+    if r["loss"]:
+      g["loss"].append(r["loss"][max(r["loss"])])
+  return sorted(groups.values(), key=lambda g: (g["kind"] != "pca", g["rank"], g["label"]))
+
+
+def _cell(values: list[float], n_seeds: int, fmt: str = ".1f") -> str:
+  """One value, or mean ± sample std over the seeds ("(n=k)" when only k of them reached it)."""
+  if not values:
+    return "n/a"
+  if n_seeds == 1:
+    return format(values[0], fmt)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+  return f"{format(float(np.mean(values)), fmt)} ± {format(std, fmt)}" + (
+      "" if len(values) == n_seeds else f" (n={len(values)})")
+
+
 def table(runs: dict[str, dict]) -> str:
-  steps = sorted({s for r in runs.values() for s in r["fdd"]})
-  head = "| run | " + " | ".join(f"FDD @ {s}" for s in steps) + " | final loss |"
-  sep = "|---" * (len(steps) + 2) + "|"
+  groups = arms(runs)
+  steps = sorted({s for g in groups for s in g["fdd"]})
+  multi = any(len(g["seeds"]) > 1 for g in groups)
+  head = "| run | " + ("seeds | " if multi else "") + " | ".join(f"FDD @ {s}" for s in steps) + " | final loss |"
+  sep = "|---" * (len(steps) + 2 + multi) + "|"
   rows = []
-  for r in sorted(runs.values(), key=lambda r: (r["kind"] != "pca", r["rank"])):
-    last = r["loss"][max(r["loss"])] if r["loss"] else float("nan")
-    rows.append(f"| {r['label']} | " + " | ".join(f"{r['fdd'].get(s, float('nan')):.1f}" for s in steps) +
-                f" | {last:.4f} |")
-  return "\n".join([head, sep] + rows) + "\n"
+  for g in groups:
+    n = len(g["seeds"])
+    seeds = (", ".join(map(str, g["seeds"])) + " | ") if multi else ""
+    rows.append(f"| {g['label']} | {seeds}" + " | ".join(_cell(g["fdd"].get(s, []), n) for s in steps) +
+                f" | {_cell(g['loss'], n, '.4f')} |")
+  note = "\n(mean ± sample standard deviation over the seeds)\n" if multi else ""
+  return "\n".join([head, sep] + rows) + "\n" + note
 
 
-def plot(runs: dict[str, dict], path: str):
+def plot(runs: dict[str, dict], path: str, title: str):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(6, 4))
-  for r in sorted(runs.values(), key=lambda r: (r["kind"] != "pca", r["rank"])):
-    steps = sorted(r["fdd"])
-    ax.plot(steps, [r["fdd"][s] for s in steps], marker="o", linestyle="-" if r["kind"] == "pca" else "--",
-            label=r["label"])
+  for g in arms(runs):
+    steps = sorted(g["fdd"])
+    values = [np.asarray(g["fdd"][s]) for s in steps]
+    mean = np.asarray([v.mean() for v in values])
+    line, = ax.plot(steps, mean, marker="o", linestyle="-" if g["kind"] == "pca" else "--",
+                    label=g["label"] + (f" ({len(g['seeds'])} seeds)" if len(g["seeds"]) > 1 else ""))
+    if len(g["seeds"]) > 1:
+      std = np.asarray([v.std(ddof=1) if v.size > 1 else 0.0 for v in values])
+      ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
   ax.set_xlabel("training step")
   ax.set_ylabel("Frechet Digit Distance (lower is better)")
   ax.set_yscale("log")
-  ax.set_title("Rank ablation: MNIST 32px, patch 8 (D = 64), bottleneck 16", fontsize=10)
-  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -68,6 +119,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("root")
   parser.add_argument("--out", default="docs/ablation")
+  parser.add_argument("--title", default="Rank ablation: MNIST 32px, patch 8 (D = 64), bottleneck 16")
   args = parser.parse_args()
   runs = load_runs(args.root)
   if not runs:
@@ -75,7 +127,7 @@ def main():
   text = table(runs)
   with open(args.out + "_table.md", "w") as f:
     f.write(text)
-  plot(runs, args.out + "_fdd.png")
+  plot(runs, args.out + "_fdd.png", args.title)
   print(text)
 
 

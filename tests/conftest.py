@@ -85,7 +85,7 @@ def flat_params(tree) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> dict:
-  """An uninterrupted 4-step run of ``tests/train_config.py`` on one device (checkpoints at 2 and 4,
+  """An uninterrupted 4-step run of ``tests/train_config.py`` with REPA on one device (checkpoints at 2 and 4,
   the end-of-training grid ``samples/step_0000004.png``), trained once per test run (xdist workers
   share it): {workdir, params, ema} with the final params and EMA as ``keystr(path) -> array``.
   Read only: copy the workdir before resuming in it."""
@@ -95,7 +95,7 @@ def tiny_run(tmp_path_factory) -> dict:
   from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
 
   def build(root):
-    state = trainer.train(tiny_train_config(4), str(root / "wd"), progress=False).state
+    state = trainer.train(tiny_train_config(4, repa=True), str(root / "wd"), progress=False).state
     assert int(state.step) == 4 and jax.device_count() == 1
     np.savez(root / "final.npz", **{"params" + k: v for k, v in flat_params(state.params).items()},
              **{"ema" + k: v for k, v in flat_params(state.ema[0]).items()})

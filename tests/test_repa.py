@@ -101,3 +101,104 @@ def test_encoder_inputs_range_resize_and_normalisation():
   np.testing.assert_allclose(up[0, :, :, 1] * std[1] + mean[1], np.clip(unclamped, 0, 1), atol=2e-6)
   with pytest.raises(ValueError, match="1 or 3 channels"):
     repa.encoder_inputs(jnp.zeros((1, 8, 8, 2)), 14)
+
+
+# ---------------------------------------------------------------------------- wiring into the model
+
+def test_features_after_are_the_image_tokens_that_block_outputs():
+  from asymflow_jax.models import jit_model  # pylint: disable=import-outside-toplevel
+  cfg = jit_model.jit_config("tiny", depth=3, in_context_len=2, in_context_start=1)
+  model = jit_model.JiT(cfg)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  t, labels = jnp.asarray([0.3, 0.8]), jnp.asarray([1, 5])
+  params = model.init(jax.random.key(0), x, t, labels)["params"]
+  out, inter = model.apply({"params": params}, x, t, labels, capture_intermediates=True,
+                           mutable=["intermediates"])
+  for k in range(cfg.depth):   # block 0 before the in-context tokens enter, blocks 1, 2 with them
+    block_out = inter["intermediates"][f"blocks_{k}"]["__call__"][0]
+    assert block_out.shape[1] == cfg.num_patches + (cfg.in_context_len if k >= 1 else 0)
+    out_k, features = model.apply({"params": params}, x, t, labels, features_after=k)
+    np.testing.assert_array_equal(np.asarray(out_k), np.asarray(out))
+    assert features.shape == (2, cfg.num_patches, cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(features), np.asarray(block_out[:, -cfg.num_patches:]))
+  with pytest.raises(ValueError, match=r"features_after=3: JiT has blocks 0..2"):
+    model.apply({"params": params}, x, t, labels, features_after=3)
+
+
+def test_vgg16_encoder_tokens_are_the_lpips_trunk_tap():
+  """The truncated VGG16 (REPA's offline ImageNet encoder) equals tap ``vgg_tap`` of the full LPIPS trunk
+  on the same ImageNet-normalised, resized input; tokens in raster order of its grid."""
+  from asymflow_jax.evaluation import lpips  # pylint: disable=import-outside-toplevel
+  variables = lpips.load_lpips_params("vgg")
+  enc = repa.Encoder("vgg16", grid=4, dtype=jnp.float32, vgg_tap=2)
+  assert (enc.input_size, enc.dim) == (16, 256)
+  params = repa.vgg16_params(variables, 2, jnp.float32)
+  assert sorted(params) == ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"]
+  images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 28, 28, 1)), jnp.float32)
+  tokens = enc.tokens(params, images)
+  taps = lpips.VGG16Features(precision=None).apply({"params": variables["params"]["vgg"]},
+                                                   repa.encoder_inputs(images, 16))
+  assert tokens.shape == (2, 16, 256) and taps[2].shape == (2, 4, 4, 256)
+  np.testing.assert_allclose(np.asarray(tokens).reshape(2, 4, 4, 256), np.asarray(taps[2]), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(tokens).max()) > 0
+
+
+def test_repa_config_errors():
+  from asymflow_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
+  config_lib.validate_config(tiny_train_config(repa=True), num_devices=1)
+  cases = [(dict(block=2), r"config.repa.block=2: expected a block index in \[0, model.depth=2\)"),
+           (dict(encoder="dinov3"), r"config.repa.encoder='dinov3': expected one of"),
+           (dict(encoder_path=""), r"needs config.repa.encoder_path: a transformers DINOv2 folder"),
+           (dict(encoder_path="/nonexistent"), r"encoder_path='/nonexistent' has no config.json"),
+           (dict(weight=-1.0), r"config.repa.weight=-1.0: expected a number >= 0"),
+           (dict(encoder="vgg16", vgg_tap=5), r"config.repa.vgg_tap=5: expected 0..4"),
+           (dict(encoder_dtype="float16"), r"config.repa.encoder_dtype='float16'")]
+  for overrides, message in cases:
+    c = tiny_train_config(repa=True)
+    c.repa.update(overrides)
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate_config(c, num_devices=1, check_files=True)
+  c = tiny_train_config(repa=True)
+  c.objective = "asymflow_vr"
+  with pytest.raises(ValueError, match=r"REPA is implemented for AsymJiT trained from scratch"):
+    config_lib.validate_config(c, num_devices=1)
+
+
+def test_repa_gradient_reaches_the_blocks_up_to_its_block_and_the_projector_only():
+  """With REPA after block 0 of the tiny 2-block model, the flow term is unchanged (same key), the blocks
+  after block 0 and the final layer get exactly the flow gradients, block 0 and the embedders get more."""
+  from asymflow_jax import experiment, objective, sharding  # pylint: disable=import-outside-toplevel
+  from tests.conftest import flat_params  # pylint: disable=import-outside-toplevel
+  from tests.train_config import tiny_train_config  # pylint: disable=import-outside-toplevel
+  on, off = tiny_train_config(repa=True), tiny_train_config()
+  on.repa.block = 0
+  exp = experiment.build(on, sharding.make_mesh(on.mesh), training=True)
+  params = experiment.init_params(on, exp.model, jax.random.key(0))
+  frozen = experiment.frozen_networks(on)
+  rng = np.random.default_rng(3)
+  batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (8, 32, 32, 1)), jnp.float32),
+               label=jnp.asarray(rng.integers(0, 10, 8), jnp.int32))
+  basis = jnp.linalg.qr(jnp.asarray(rng.normal(size=(16, 4)), jnp.float32))[0]
+  key = jax.random.key(7)
+
+  def grad(p, config, fr):
+    loss = lambda p, fr: objective.flow_loss(p, batch, key, basis, 1.0, model=exp.model, config=config,  # noqa: E731
+                                             frozen=fr)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(p, fr)
+
+  (l_on, aux), g_on = grad(params, on, frozen)
+  (l_off, _), g_off = grad(experiment.model_params(params), off, None)
+  assert float(aux["loss_flow"]) == float(l_off)
+  assert float(l_on) == pytest.approx(float(l_off) + float(aux["loss_repa"]), rel=1e-6)
+  assert -0.5 <= float(aux["loss_repa"]) <= 0.5
+  g_on, g_off = flat_params(g_on), flat_params(g_off)
+  assert set(g_on) - set(g_off) == {k for k in g_on if k.startswith("['repa_projector']")} != set()
+  assert all(np.abs(g_on[k]).max() > 0 for k in g_on if k.startswith("['repa_projector']"))
+  for k, g in g_off.items():
+    if k.startswith(("['blocks_1']", "['final_layer']", "['in_context_posemb']")):
+      np.testing.assert_allclose(g_on[k], g, rtol=1e-5, atol=1e-7, err_msg=k)
+  for prefix in ("['blocks_0']", "['x_embedder']"):
+    diff = max(np.abs(g_on[k] - g_off[k]).max() for k in g_off if k.startswith(prefix))
+    assert diff > 1e-4 * max(np.abs(g_off[k]).max() for k in g_off if k.startswith(prefix)), prefix

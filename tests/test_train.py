@@ -121,7 +121,7 @@ def test_bad_configs_fail_fast_with_clear_messages():
 
 def test_resume_is_exact(tiny_run, tmp_path):
   straight = tiny_run
-  resumed = _resume_after_a_kill(straight["workdir"], tmp_path / "b", tiny_train_config(4))
+  resumed = _resume_after_a_kill(straight["workdir"], tmp_path / "b", tiny_train_config(4, repa=True))
   assert int(resumed.step) == 4
   flat = flat_params(resumed.params)
   assert flat.keys() == straight["params"].keys()
@@ -144,6 +144,11 @@ def test_resume_is_exact(tiny_run, tmp_path):
   with open(straight["workdir"] / "metrics.jsonl") as f:
     first = json.loads(f.readline())
   assert {"loss", "grad_norm", "lr", "img_per_s"} <= set(first) and any(k.startswith("loss_sigma_") for k in first)
+  # the run trains REPA (tests/train_config.py): its projector is a trained parameter (restored and
+  # compared above), its two loss terms are logged and add up to the loss
+  assert any(k.startswith("['repa_projector']") for k in straight["params"])
+  assert first["loss"] == pytest.approx(first["loss_flow"] + first["loss_repa"], rel=1e-6)
+  assert -0.5 <= first["loss_repa"] <= 0.5 and first["loss_repa"] != 0
 
 
 def test_eight_devices_match_one(request, tmp_path):
@@ -191,7 +196,7 @@ def _klein_9b_param_counts(lora_rank=256):
 
 
 def test_pod_train_steps_lower_on_8_fake_devices(tmp_path):
-  """ImageNet H/16 and the AsymFLUX.2 klein 9B finetuning step (VR teacher + LPIPS + LoRA) lower with
+  """ImageNet H/16 + REPA (DINOv2-B inside the step) and the AsymFLUX.2 klein 9B finetuning step (VR teacher + LPIPS + LoRA) lower with
   abstract inputs on an 8-device fake mesh; shardings and sizes as designed."""
   out = tmp_path / "lower.json"
   env = subprocess_env(8)
@@ -207,6 +212,15 @@ def test_pod_train_steps_lower_on_8_fake_devices(tmp_path):
   specs = info["opt_specs"]
   assert {v for k, v in specs.items() if ".mu[" in k or ".nu[" in k} == {info["qkv_spec"]}
   assert {v for k, v in specs.items() if k.endswith("count")} == {"P()"}
+  # REPA: the 3-layer projector 1280 -> 2048 -> 2048 -> 768 is trained and FSDP-sharded like the backbone;
+  # the frozen DINOv2-B/14 (bf16) sits in the step, its stacked layers sharded by the same rules
+  assert info["projector_params"] == (1280 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 768 + 768)
+  assert info["projector_spec"] == "P('tensor', 'fsdp')"
+  d, m, tokens = 768, 3072, 1 + (518 // 14) ** 2
+  layer = 4 * (d * d + d) + 2 * d + (d * m + m) + (m * d + d) + 4 * d   # qkv+out, scales, mlp, 2 norms
+  assert info["encoder_params"] == 2 * d + (14 * 14 * 3 * d + d) + tokens * d + 12 * layer + 2 * d
+  assert info["encoder_dtypes"] == ["bfloat16"] and info["has_dinov2_input"]
+  assert info["encoder_qkv_spec"] == "P(None, 'fsdp', 'tensor')"
 
   flux = json.loads(out.read_text())["asymflux2"]
   assert (flux["frozen_params"], flux["trained_params"]) == _klein_9b_param_counts()

@@ -1,9 +1,16 @@
 """A training config small enough to compile in seconds on a 2-core CPU."""
 
+import pathlib
+
 from configs import default
 
+DINOV2_TINY = pathlib.Path(__file__).parent / "fixtures" / "dinov2_tiny_hf" / "plain"
 
-def tiny_train_config(num_steps: int = 4):
+
+def tiny_train_config(num_steps: int = 4, repa: bool = False):
+  """The tiny AsymJiT run (D = 16, rank 4, 2 blocks, in-context tokens from block 1). ``repa``: plus
+  REPA after block 1 (where the in-context tokens are present and must be dropped) against the tiny
+  random DINOv2 fixture (patch 4, run on the 8 x 8 token grid: 32 px, interpolated position embeddings)."""
   c = default.get_config()
   m = c.model
   m.patch_size, m.rank = 4, 4   # D = 16
@@ -20,9 +27,13 @@ def tiny_train_config(num_steps: int = 4):
   # CFG (the default config's 100 images x 20 steps cost ~10 s per run on 2 CPU cores)
   c.sample.num_images = 10
   c.sample.num_steps = 2
+  if repa:
+    c.repa.weight, c.repa.block, c.repa.projector_dim = 0.5, 1, 16
+    c.repa.encoder, c.repa.encoder_path, c.repa.encoder_dtype = "dinov2_tiny", str(DINOV2_TINY), "float32"
   return c
 
 
 def get_config(arg: str | None = None):
-  """``--config=tests/train_config.py:STEPS`` for the command-line tests."""
-  return tiny_train_config(int(arg) if arg else 4)
+  """``--config=tests/train_config.py:STEPS[,repa]`` for the command-line tests."""
+  steps, _, repa = (arg or "4").partition(",")
+  return tiny_train_config(int(steps), repa=repa == "repa")

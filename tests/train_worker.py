@@ -19,7 +19,7 @@ from tests import train_config  # noqa: E402
 def main():
   workdir, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
   mesh = sys.argv[4] if len(sys.argv) > 4 else "1,-1,1"
-  config = train_config.tiny_train_config(steps)
+  config = train_config.tiny_train_config(steps, repa=True)   # as the tiny_run fixture
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(v) for v in mesh.split(","))
   config.sample.num_images = 0   # the callers compare parameters and losses, never samples
   state = trainer.train(config, workdir, progress=False).state

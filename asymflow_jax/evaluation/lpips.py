@@ -109,15 +109,17 @@ class Conv3x3(nn.Module):
 
 
 class VGG16Features(nn.Module):
-  """VGG16 ``features`` on scaled NHWC inputs -> the five taps (relu1_2 ... relu5_3)."""
+  """VGG16 ``features`` on scaled NHWC inputs -> the taps (relu1_2 ... relu5_3) of its first
+  ``num_blocks`` blocks (all five by default)."""
 
   dtype: Any = jnp.float32
   precision: Any = _HIGHEST
+  num_blocks: int = NUM_LAYERS
 
   @nn.compact
   def __call__(self, x) -> list:
     taps = []
-    for b, block in enumerate(VGG16_BLOCKS):
+    for b, block in enumerate(VGG16_BLOCKS[:self.num_blocks]):
       if b:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for i, features in enumerate(block):

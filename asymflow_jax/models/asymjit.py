@@ -21,7 +21,8 @@ from asymflow_jax.models.jit_model import JiT, JiTConfig
 
 
 def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, sigma_min: float,
-                  train: bool = False, rngs=None, return_u_a: bool = False, lora=None):
+                  train: bool = False, rngs=None, return_u_a: bool = False, lora=None,
+                  features_after: int | None = None):
   """AsymJiT velocity.
 
   Args:
@@ -37,9 +38,11 @@ def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, s
     return_u_a: also return the raw network output tokens u_A (B, N, D) in the model's dtype.
     lora: LoRA adapters, passed as the "lora" variable collection (applied only inside
       ``finetune.lora_interceptor``).
+    features_after: also return the hidden image tokens after this block (B, N, hidden), the REPA features.
 
   Returns:
-    velocity u = eps - x0 estimate, NHWC float32 (B, H, W, C); or (velocity, u_a).
+    velocity u = eps - x0 estimate, NHWC float32 (B, H, W, C); or (velocity, u_a), (velocity, features),
+    (velocity, u_a, features) as asked.
   """
   cfg = model.config
   p = cfg.patch_size
@@ -49,12 +52,14 @@ def asymjit_apply(model: JiT, params, x_t, sigma, labels, basis, *, scale=1.0, s
   sigma = jnp.asarray(sigma, jnp.float32)
   k, t = calibrate(sigma, scale)
   x_in = (k[:, None, None, None] * x_t).astype(model.dtype)
-  u_a = model.apply({"params": params, **({"lora": lora} if lora else {})}, x_in, t, labels, train=train,
-                    rngs=rngs)
+  out = model.apply({"params": params, **({"lora": lora} if lora else {})}, x_in, t, labels, train=train,
+                    rngs=rngs, features_after=features_after)
+  u_a, features = out if features_after is not None else (out, None)
   u = recover_velocity(u_a.astype(jnp.float32), patchify(x_t, p), basis.astype(jnp.float32), sigma,
                        scale=scale, sigma_min=sigma_min)
   velocity = unpatchify(u, p, h, w)
-  return (velocity, u_a) if return_u_a else velocity
+  extra = ((u_a,) if return_u_a else ()) + ((features,) if features_after is not None else ())
+  return (velocity, *extra) if extra else velocity
 
 
 def projected_init_gain(cfg: JiTConfig) -> float:

@@ -75,13 +75,16 @@ def abstract_params_and_specs(model):
 
 
 def velocity(model, params, x_t, sigma, cond, basis, *, scale=1.0, sigma_min: float, train: bool = False,
-             rngs=None, lora=None):
-  """The AsymFlow velocity (B, H, W, C) float32 of either backbone; ``cond`` as in the module docstring."""
+             rngs=None, lora=None, features_after: int | None = None):
+  """The AsymFlow velocity (B, H, W, C) float32 of either backbone; ``cond`` as in the module docstring.
+  ``features_after=k`` (AsymJiT only): returns (velocity, image-token hidden state after block k)."""
   if is_text(model):
+    if features_after is not None:
+      raise ValueError("REPA features (features_after) exist only for the 'jit' family.")
     return asymflux2.asymflux2_apply(model, params, x_t, sigma, cond, basis, scale=scale, sigma_min=sigma_min,
                                      rngs=rngs, lora=lora)
   return asymjit.asymjit_apply(model, params, x_t, sigma, cond, basis, scale=scale, sigma_min=sigma_min,
-                               train=train, rngs=rngs, lora=lora)
+                               train=train, rngs=rngs, lora=lora, features_after=features_after)
 
 
 def condition(model, batch, key, prob_keep: float):

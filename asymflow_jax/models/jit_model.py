@@ -385,6 +385,9 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 class JiT(nn.Module):
   """JiT backbone: (x NHWC (B, H, W, C), t (B,), labels int (B,)) -> u_A tokens (B, N, D) in ``dtype``.
 
+  ``features_after=k`` also returns the hidden state after block k (0-based), image tokens only
+  (B, N, hidden) in ``dtype`` (the in-context tokens, if already inserted, are dropped): the REPA features.
+
   Attributes:
     config: a :class:`JiTConfig` (see :func:`jit_config`).
     dtype: compute dtype (float32 or bfloat16); params stay ``param_dtype``.
@@ -400,12 +403,14 @@ class JiT(nn.Module):
   remat_policy: str = "nothing_saveable"
 
   @nn.compact
-  def __call__(self, x, t, labels, *, train: bool = False):
+  def __call__(self, x, t, labels, *, train: bool = False, features_after: int | None = None):
     cfg = self.config
     b, h, w, ch = x.shape
     if (h, w, ch) != (cfg.input_size, cfg.input_size, cfg.in_channels):
       raise ValueError(f"x must be NHWC (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}), "
                        f"got {tuple(x.shape)}.")
+    if features_after is not None and not 0 <= features_after < cfg.depth:
+      raise ValueError(f"features_after={features_after}: JiT has blocks 0..{cfg.depth - 1}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     deterministic = not train
 
@@ -438,9 +443,12 @@ class JiT(nn.Module):
         cos, sin = cos_ctx, sin_ctx
       x = block_cls(cfg, dropout=cfg.dropout_active(i), upcast_attention=self.upcast_attention,
                     name=f"blocks_{i}", **kw)(x, c, cos, sin, deterministic)
+      if i == features_after:
+        features = x[:, x.shape[1] - cfg.num_patches:]
     if cfg.uses_in_context:
       x = x[:, cfg.in_context_len:]
-    return FinalLayer(cfg, name="final_layer", **kw)(x, c)
+    out = FinalLayer(cfg, name="final_layer", **kw)(x, c)
+    return out if features_after is None else (out, features)
 
 
 # --------------------------------------------------------------------------------------- helpers
