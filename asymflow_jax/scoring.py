@@ -67,6 +67,8 @@ def _fid_scorer(inception: str | None, reference: str | None, batch_size: int) -
   variables = inception_lib.load_inception_npz(inception)
   feature_fn = metrics.make_feature_fn(inception_lib.InceptionV3().apply, variables, batch_size=batch_size)
   mu_ref, sigma_ref = _load_reference(reference, feature_fn)
+  # weights imported from the TorchScript FID graph have no classifier (fc is NaN): FID only, no IS
+  has_classifier = bool(np.isfinite(np.asarray(variables["params"]["fc"]["kernel"])).all())
 
   def score(images):
     stats, logits = metrics.RunningStatistics(), []
@@ -75,9 +77,12 @@ def _fid_scorer(inception: str | None, reference: str | None, batch_size: int) -
       stats.update(feats)
       logits.append(lg)
     mu, sigma = stats.finalize()
-    is_mean, is_std = metrics.inception_score(np.concatenate(logits)[:, :1000], splits=IS_SPLITS)
-    return dict(metric="fid", fid=metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref), inception_score=is_mean,
-                inception_score_std=is_std, num_images=int(images.shape[0]))
+    out = dict(metric="fid", fid=metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+               num_images=int(images.shape[0]))
+    if has_classifier:
+      out["inception_score"], out["inception_score_std"] = metrics.inception_score(
+          np.concatenate(logits)[:, :1000], splits=IS_SPLITS)
+    return out
   return Scorer("fid", score, min_images=IS_SPLITS)
 
 

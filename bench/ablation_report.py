@@ -44,8 +44,8 @@ def load_runs(root: str) -> dict[str, dict]:
       for row in map(json.loads, f):
         if "eval_fdd" in row:
           evals[row["step"]] = row["eval_fdd"]
-        if "loss" in row:
-          losses[row["step"]] = row["loss"]
+        if "loss" in row:   # the flow-matching term (without REPA's, which is negative)
+          losses[row["step"]] = row.get("loss_flow", row["loss"])
     runs[name] = dict(label=arm_label(config), seed=config.get("seed", 0), rank=config["model"]["rank"],
                       kind=config["subspace"]["kind"], fdd=evals, loss=losses)
   return runs
@@ -80,7 +80,7 @@ def table(runs: dict[str, dict]) -> str:
   groups = arms(runs)
   steps = sorted({s for g in groups for s in g["fdd"]})
   multi = any(len(g["seeds"]) > 1 for g in groups)
-  head = "| run | " + ("seeds | " if multi else "") + " | ".join(f"FDD @ {s}" for s in steps) + " | final loss |"
+  head = "| run | " + ("seeds | " if multi else "") + " | ".join(f"FDD @ {s}" for s in steps) + " | final flow loss |"
   sep = "|---" * (len(steps) + 2 + multi) + "|"
   rows = []
   for g in groups:
@@ -90,6 +90,34 @@ def table(runs: dict[str, dict]) -> str:
                 f" | {_cell(g['loss'], n, '.4f')} |")
   note = "\n(mean ± sample standard deviation over the seeds)\n" if multi else ""
   return "\n".join([head, sep] + rows) + "\n" + note
+
+
+def convergence(runs: dict[str, dict], reference: str = "r=0") -> str:
+  """Steps each run needs to reach the final FDD of the ``reference`` arm's run with the same seed
+  (the first evaluation at or below it; on the evaluation grid), as a table: mean ± std over seeds."""
+  final = {r["seed"]: r["fdd"][max(r["fdd"])] for r in runs.values() if r["label"] == reference and r["fdd"]}
+  if not final:
+    raise SystemExit(f"--convergence: no run of the reference arm {reference!r}")
+  rows = ["| run | seeds | steps to reach r = 0's final FDD | per seed | speed-up vs r = 0 |", "|---|---|---|---|---|"]
+  ref_steps = {}
+  for g in arms(runs):
+    per_seed = {}
+    for r in runs.values():
+      if r["label"] != g["label"] or r["seed"] not in final:
+        continue
+      hit = [s for s in sorted(r["fdd"]) if r["fdd"][s] <= final[r["seed"]]]
+      per_seed[r["seed"]] = hit[0] if hit else None
+    if g["label"] == reference:
+      ref_steps = per_seed
+    reached = [v for v in per_seed.values() if v is not None]
+    cell = _cell([float(v) for v in reached], len(per_seed), ".0f") if reached else "not reached"
+    if reached and len(reached) < len(per_seed):
+      cell += f", {len(per_seed) - len(reached)} not reached"
+    speed = [ref_steps[s] / v for s, v in per_seed.items() if v and ref_steps.get(s)]
+    rows.append(f"| {g['label']} | {', '.join(map(str, sorted(per_seed)))} | {cell} | "
+                f"{', '.join('—' if per_seed[s] is None else str(per_seed[s]) for s in sorted(per_seed))} | "
+                f"{_cell(speed, len(per_seed), '.2f') + '×' if speed else 'n/a'} |")
+  return "\n".join(rows) + "\n"
 
 
 def plot(runs: dict[str, dict], path: str, title: str):
@@ -119,6 +147,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("root")
   parser.add_argument("--out", default="docs/ablation")
+  parser.add_argument("--convergence", action="store_true",
+                      help="also the steps-to-reach-r=0's-final-FDD table (OUT_convergence.md)")
   parser.add_argument("--title", default="Rank ablation: MNIST 32px, patch 8 (D = 64), bottleneck 16")
   args = parser.parse_args()
   runs = load_runs(args.root)
@@ -129,6 +159,11 @@ def main():
     f.write(text)
   plot(runs, args.out + "_fdd.png", args.title)
   print(text)
+  if args.convergence:
+    text = convergence(runs)
+    with open(args.out + "_convergence.md", "w") as f:
+      f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """A training config small enough to compile in seconds on a 2-core CPU."""
 
-import pathlib
-
 from configs import default
+from tests.conftest import FIXTURES
 
-DINOV2_TINY = pathlib.Path(__file__).parent / "fixtures" / "dinov2_tiny_hf" / "plain"
+DINOV2_TINY = FIXTURES / "dinov2_tiny_hf" / "plain"   # tests/make_dinov2_fixture.py's plain variant
 
 
 def tiny_train_config(num_steps: int = 4, repa: bool = False):

@@ -1,0 +1,121 @@
+"""Plants plausible bugs, one at a time, in a throwaway copy of the repository and runs the tests that
+should catch each: a bug is "caught" when those tests fail. docs/testing.md records the outcome.
+
+    make planted                          # every bug (~5 min on 2 CPU cores)
+    python tests/planted_bugs.py [NAME ...] [--list]
+
+Each bug is an exact source replacement (the script stops if the original text is not found, so it
+cannot silently plant nothing). The copy holds the tracked files plus the untracked, non-ignored
+ones (``git ls-files -co --exclude-standard``); the working tree is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bug:
+  name: str
+  what: str
+  path: str
+  old: str
+  new: str
+  tests: tuple[str, ...]
+
+
+HAND = "tests/test_train_step_hand.py"
+BUGS = (
+    Bug("loss_weight_one", "loss weight w = sigma / max(sigma, 0.05) replaced by 1", "asymflow_jax/objective.py",
+        "w = (sigma / jnp.maximum(sigma, config.loss_sigma_min))[:, None, None, None]",
+        "w = jnp.ones_like(sigma)[:, None, None, None]", (HAND,)),
+    Bug("no_label_dropout", "label dropout removed (labels always kept)", "asymflow_jax/models/backbone.py",
+        "return jnp.where(keep, labels, model.config.num_classes)", "return labels", (HAND,)),
+    Bug("ema_reversed", "EMA update the wrong way round: e + (p - e) d instead of p + (e - p) d",
+        "asymflow_jax/objective.py", "lambda e, p, d=d: p + (e - p) * d", "lambda e, p, d=d: e + (p - e) * d",
+        (HAND,)),
+    Bug("adamw_betas_swapped", "AdamW b1 and b2 swapped", "asymflow_jax/experiment.py",
+        "optax.adamw(lr_schedule(config), b1=config.b1, b2=config.b2,",
+        "optax.adamw(lr_schedule(config), b1=config.b2, b2=config.b1,", (HAND,)),
+    Bug("no_nonfinite_skip", "the skip-on-non-finite update removed (updates always applied)",
+        "asymflow_jax/objective.py", "  finite = kind == 0\n", "  finite = jnp.asarray(True)\n", (HAND,)),
+    Bug("save_guard_disabled", 'the "never save a non-finite state" guard disabled', "asymflow_jax/checkpoint.py",
+        "  if int(state.nonfinite_step) >= 0:\n    raise FloatingPointError(",
+        "  if False:\n    raise FloatingPointError(", (HAND,)),
+    Bug("inception_concat_order", "FID Inception: two branch outputs of InceptionA concatenated in the wrong order",
+        "asymflow_jax/evaluation/inception.py", "jnp.concatenate([b1, b5, b3, bp], axis=-1)",
+        "jnp.concatenate([b5, b1, b3, bp], axis=-1)", ("tests/test_inception_real.py",)),
+    Bug("inception_bn_eps", "FID Inception: BatchNorm eps 1e-3 -> 1e-5", "asymflow_jax/evaluation/inception.py",
+        "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5", ("tests/test_inception_real.py",)),
+)
+
+
+def copy_repo(dest: pathlib.Path):
+  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+  for f in files:
+    src = REPO / f
+    if src.is_file():
+      (dest / f).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, dest / f)
+
+
+def run(bug: Bug, python: str) -> tuple[bool, float, str]:
+  """(caught, seconds, last lines of pytest's output) for one planted bug."""
+  with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as tmp:
+    root = pathlib.Path(tmp)
+    copy_repo(root)
+    target = root / bug.path
+    src = target.read_text()
+    if src.count(bug.old) != 1:
+      raise SystemExit(f"{bug.name}: the text to replace occurs {src.count(bug.old)} times in {bug.path} "
+                       f"(expected once): {bug.old!r}")
+    target.write_text(src.replace(bug.old, bug.new))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+    t0 = time.time()
+    proc = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *bug.tests], cwd=root,
+                          env=env, capture_output=True, text=True)
+    tail = "\n".join(proc.stdout.strip().splitlines()[-3:])
+    if proc.returncode not in (0, 1):   # 1 = tests failed; anything else (no tests, usage error) is no verdict
+      raise SystemExit(f"{bug.name}: pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc.returncode == 1, time.time() - t0, tail
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("names", nargs="*", help="bugs to plant (default: all)")
+  p.add_argument("--list", action="store_true", help="list the bugs and exit")
+  p.add_argument("--python", default=sys.executable)
+  args = p.parse_args(argv)
+  known = {b.name: b for b in BUGS}
+  unknown = [n for n in args.names if n not in known]
+  if unknown:
+    p.error(f"unknown bug(s) {unknown}; choose from {sorted(known)}")
+  bugs = [known[n] for n in args.names] if args.names else list(BUGS)
+  if args.list:
+    for b in bugs:
+      print(f"{b.name:24s} {b.what}  [{b.path}] -> {' '.join(b.tests)}")
+    return 0
+  survived = []
+  for b in bugs:
+    caught, seconds, tail = run(b, args.python)
+    print(f"{'CAUGHT ' if caught else 'SURVIVED'} {b.name:24s} {seconds:5.0f} s  {b.what}\n    {tail.splitlines()[-1]}",
+          flush=True)
+    if not caught:
+      survived.append(b.name)
+  print(f"{len(bugs) - len(survived)} of {len(bugs)} planted bugs caught" + (f"; survived: {survived}" if survived else ""))
+  return 1 if survived else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
