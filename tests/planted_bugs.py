@@ -70,8 +70,9 @@ def copy_repo(dest: pathlib.Path):
       shutil.copy2(src, dest / f)
 
 
-def run(bug: Bug, python: str) -> tuple[bool, float, str]:
-  """(caught, seconds, last lines of pytest's output) for one planted bug."""
+def run(bug: Bug, python: str, *, plant: bool = True) -> tuple[bool, float, str]:
+  """(caught, seconds, last lines of pytest's output) for one planted bug (``plant=False``: the same
+  tests on the unmodified copy, the control, which must pass)."""
   with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as tmp:
     root = pathlib.Path(tmp)
     copy_repo(root)
@@ -80,12 +81,15 @@ def run(bug: Bug, python: str) -> tuple[bool, float, str]:
     if src.count(bug.old) != 1:
       raise SystemExit(f"{bug.name}: the text to replace occurs {src.count(bug.old)} times in {bug.path} "
                        f"(expected once): {bug.old!r}")
-    target.write_text(src.replace(bug.old, bug.new))
+    if plant:
+      target.write_text(src.replace(bug.old, bug.new))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
     t0 = time.time()
     proc = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *bug.tests], cwd=root,
                           env=env, capture_output=True, text=True)
-    tail = "\n".join(proc.stdout.strip().splitlines()[-3:])
+    lines = proc.stdout.strip().splitlines()
+    failed = [ln.split(" - ")[0] for ln in lines if ln.startswith("FAILED ")]
+    tail = "\n".join(failed + lines[-1:])
     if proc.returncode not in (0, 1):   # 1 = tests failed; anything else (no tests, usage error) is no verdict
       raise SystemExit(f"{bug.name}: pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return proc.returncode == 1, time.time() - t0, tail
@@ -106,11 +110,19 @@ def main(argv=None):
     for b in bugs:
       print(f"{b.name:24s} {b.what}  [{b.path}] -> {' '.join(b.tests)}")
     return 0
+  # control: every test set passes on the unmodified copy, so a failure below is the planted bug's doing
+  for tests in dict.fromkeys(b.tests for b in bugs):
+    b = next(b for b in bugs if b.tests == tests)
+    failed, seconds, tail = run(b, args.python, plant=False)
+    print(f"{'FAILED ' if failed else 'passes '} control {' '.join(tests)}  {seconds:5.0f} s\n    {tail.splitlines()[-1]}",
+          flush=True)
+    if failed:
+      raise SystemExit(f"the tests {tests} fail without any planted bug: fix them first")
   survived = []
   for b in bugs:
     caught, seconds, tail = run(b, args.python)
-    print(f"{'CAUGHT ' if caught else 'SURVIVED'} {b.name:24s} {seconds:5.0f} s  {b.what}\n    {tail.splitlines()[-1]}",
-          flush=True)
+    print(f"{'CAUGHT ' if caught else 'SURVIVED'} {b.name:24s} {seconds:5.0f} s  {b.what}\n    "
+          + "\n    ".join(tail.splitlines()), flush=True)
     if not caught:
       survived.append(b.name)
   print(f"{len(bugs) - len(survived)} of {len(bugs)} planted bugs caught" + (f"; survived: {survived}" if survived else ""))
