@@ -92,9 +92,22 @@ def table(runs: dict[str, dict]) -> str:
   return "\n".join([head, sep] + rows) + "\n" + note
 
 
+def _crossing(fdd: dict[int, float], target: float) -> float | None:
+  """First step at which FDD reaches ``target``: log-FDD interpolated linearly between the two
+  evaluations around the crossing (the evaluation step itself when the first one is already below)."""
+  steps = sorted(fdd)
+  for i, s in enumerate(steps):
+    if fdd[s] <= target:
+      if i == 0:
+        return float(s)
+      s0, f0, f1 = steps[i - 1], np.log(fdd[steps[i - 1]]), np.log(fdd[s])
+      return s0 + (f0 - np.log(target)) / (f0 - f1) * (s - s0)
+  return None
+
+
 def convergence(runs: dict[str, dict], reference: str = "r=0") -> str:
   """Steps each run needs to reach the final FDD of the ``reference`` arm's run with the same seed
-  (the first evaluation at or below it; on the evaluation grid), as a table: mean ± std over seeds."""
+  (see :func:`_crossing`), as a table: mean ± std over seeds, and the speed-up vs the reference."""
   final = {r["seed"]: r["fdd"][max(r["fdd"])] for r in runs.values() if r["label"] == reference and r["fdd"]}
   if not final:
     raise SystemExit(f"--convergence: no run of the reference arm {reference!r}")
@@ -105,8 +118,7 @@ def convergence(runs: dict[str, dict], reference: str = "r=0") -> str:
     for r in runs.values():
       if r["label"] != g["label"] or r["seed"] not in final:
         continue
-      hit = [s for s in sorted(r["fdd"]) if r["fdd"][s] <= final[r["seed"]]]
-      per_seed[r["seed"]] = hit[0] if hit else None
+      per_seed[r["seed"]] = _crossing(r["fdd"], final[r["seed"]])
     if g["label"] == reference:
       ref_steps = per_seed
     reached = [v for v in per_seed.values() if v is not None]
@@ -115,7 +127,7 @@ def convergence(runs: dict[str, dict], reference: str = "r=0") -> str:
       cell += f", {len(per_seed) - len(reached)} not reached"
     speed = [ref_steps[s] / v for s, v in per_seed.items() if v and ref_steps.get(s)]
     rows.append(f"| {g['label']} | {', '.join(map(str, sorted(per_seed)))} | {cell} | "
-                f"{', '.join('—' if per_seed[s] is None else str(per_seed[s]) for s in sorted(per_seed))} | "
+                f"{', '.join('—' if per_seed[s] is None else f'{per_seed[s]:.0f}' for s in sorted(per_seed))} | "
                 f"{_cell(speed, len(per_seed), '.2f') + '×' if speed else 'n/a'} |")
   return "\n".join(rows) + "\n"
 
