@@ -242,12 +242,17 @@ def model_params(params):
   return {k: v for k, v in params.items() if k != REPA_PROJECTOR} if REPA_PROJECTOR in params else params
 
 
+def _init_projector(config, model, key):
+  """Fresh REPA projector parameters (its input width is the backbone's hidden size)."""
+  h = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
+  return repa_projector(config).init(key, h)["params"]
+
+
 def init_params(config, model, key, basis=None):
   """Fresh trained parameters: the backbone's (``basis``: projected init), plus the REPA projector."""
   params = backbone.init_params(model, key, basis)
   if repa_enabled(config):
-    h = jnp.zeros((1, 1, model.config.hidden_size), jnp.float32)
-    params = {**params, REPA_PROJECTOR: repa_projector(config).init(jax.random.fold_in(key, 3), h)["params"]}
+    params = {**params, REPA_PROJECTOR: _init_projector(config, model, jax.random.fold_in(key, 3))}
   return params
 
 
@@ -390,8 +395,12 @@ def trained_target(exp: "Experiment"):
   abstract = jax.eval_shape(lambda: init_trained(config, backbone.init_params(exp.model, jax.random.key(0)),
                                                  jax.random.key(0)))
   full_sh = exp.shardings.frozen["params"] if exp.training else exp.shardings.params
-  sh = _trained_shardings(config, abstract, full_sh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sh)
+  return _sharded_structs(abstract, _trained_shardings(config, abstract, full_sh))
+
+
+def _sharded_structs(abstract, shardings):
+  """ShapeDtypeStructs of ``abstract`` carrying ``shardings`` (a restore target)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def checkpoint_params_target(exp: "Experiment"):
@@ -403,11 +412,9 @@ def checkpoint_params_target(exp: "Experiment"):
     return trained_target(exp)
   target = exp.target().params
   if repa_enabled(config):
-    h = jnp.zeros((1, 1, exp.model.config.hidden_size), jnp.float32)
-    abstract = jax.eval_shape(lambda: repa_projector(config).init(jax.random.key(0), h)["params"])
+    abstract = jax.eval_shape(lambda: _init_projector(config, exp.model, jax.random.key(0)))
     sh = shd.logical_to_sharding(repa.projector_specs(), abstract, exp.mesh)
-    target = {**target, REPA_PROJECTOR: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                                      abstract, sh)}
+    target = {**target, REPA_PROJECTOR: _sharded_structs(abstract, sh)}
   return target
 
 

@@ -132,7 +132,7 @@ def train(config, workdir, *, progress: bool = True, stop_requested: Callable[[]
   try:
     frozen, base_sub = _load_base(config, exp) if experiment.finetuning(config) else (None, None)
     if experiment.repa_enabled(config):   # the frozen encoder, streamed into its shardings
-      frozen = {experiment.REPA_ENCODER: experiment.load_repa_encoder(
+      frozen = {**(frozen or {}), experiment.REPA_ENCODER: experiment.load_repa_encoder(
           config, exp.shardings.frozen[experiment.REPA_ENCODER])}
     restored = checkpoint.restore_train(workdir, mngr, exp, frozen=frozen)
     if restored is not None:

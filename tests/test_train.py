@@ -196,8 +196,8 @@ def _klein_9b_param_counts(lora_rank=256):
 
 
 def test_pod_train_steps_lower_on_8_fake_devices(tmp_path):
-  """ImageNet H/16 + REPA (DINOv2-B inside the step) and the AsymFLUX.2 klein 9B finetuning step (VR teacher + LPIPS + LoRA) lower with
-  abstract inputs on an 8-device fake mesh; shardings and sizes as designed."""
+  """ImageNet H/16 + REPA (DINOv2-B inside the step) and the AsymFLUX.2 klein 9B finetuning step (VR
+  teacher + LPIPS + LoRA) lower with abstract inputs on an 8-device fake mesh; shardings and sizes as designed."""
   out = tmp_path / "lower.json"
   env = subprocess_env(8)
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "lower_worker.py"), str(out), "h16", "asymflux2"],

@@ -139,15 +139,17 @@ class Encoder:
     """Width of the target tokens (the projector's output)."""
     return lpips.TAP_CHANNELS[self.vgg_tap] if self.kind == "vgg16" else self.dinov2_config.hidden_size
 
+  def _boxed_abstract_params(self):
+    x = jnp.zeros((1, self.input_size, self.input_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: self.module.init(jax.random.key(0), x))["params"]
+
   def abstract_params(self):
     """Unboxed parameter ShapeDtypeStructs (in ``dtype``)."""
-    x = jnp.zeros((1, self.input_size, self.input_size, 3), jnp.float32)
-    return nn.meta.unbox(jax.eval_shape(lambda: self.module.init(jax.random.key(0), x))["params"])
+    return nn.meta.unbox(self._boxed_abstract_params())
 
   def param_specs(self):
     """Logical PartitionSpecs (DINOv2 carries the model's logical axes; VGG is replicated)."""
-    x = jnp.zeros((1, self.input_size, self.input_size, 3), jnp.float32)
-    return nn.get_partition_spec(jax.eval_shape(lambda: self.module.init(jax.random.key(0), x))["params"])
+    return nn.get_partition_spec(self._boxed_abstract_params())
 
   def tokens(self, params, images):
     """Model-range images (B, H, W, C) in [-1, 1] -> target tokens (B, grid * grid, dim) float32."""
