@@ -8,7 +8,7 @@ WORKDIR ?= workdirs/demo
 # pytest workers; CI machines have 2 cores.
 JOBS ?= 2
 
-.PHONY: setup test demo clean planted
+.PHONY: setup test demo clean planted mutation
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ test: $(STAMP)
 # (docs/testing.md); not part of `make test`.
 planted: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) tests/planted_bugs.py
+
+# Mutation testing of the core modules with cosmic-ray (tests/mutation.py, docs/testing.md); hours, not in CI.
+# MODULES=asymflow objective ... runs some of them; a rerun resumes unfinished sessions.
+COSMIC_RAY := 8.7.0
+mutation: $(STAMP)
+	$(VENV)/bin/uv pip install --quiet --python $(PY) cosmic-ray==$(COSMIC_RAY)
+	JAX_PLATFORMS=cpu $(PY) tests/mutation.py $(MODULES)
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m asymflow_jax.demo --workdir $(WORKDIR)

@@ -22,6 +22,8 @@ def add_sampler_args(parser: argparse.ArgumentParser):
   parser.add_argument("--steps", type=int, default=None, help="sampler steps (>= 1)")
   parser.add_argument("--method", choices=sampling.METHODS + ("unipc",), default=None,
                       help="euler | heun (class-conditional) or unipc (text-to-image)")
+  parser.add_argument("--sigma_min", type=float, default=None,
+                      help="recovery clamp at inference, 0 < SIGMA_MIN < 1 (default: the config's sample.sigma_min)")
   parser.add_argument("--ema", type=int, default=0, help="EMA index (-1 = raw params)")
   parser.add_argument("--seed", type=int, default=0)
 
@@ -40,6 +42,8 @@ def check_sampler_args(parser: argparse.ArgumentParser, args):
     lo, hi = args.interval
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= 1):
       parser.error(f"--interval {lo} {hi}: expected 0 <= LO <= HI <= 1.")
+  if args.sigma_min is not None and not (math.isfinite(args.sigma_min) and 0 < args.sigma_min < 1):
+    parser.error(f"--sigma_min={args.sigma_min}: expected a number in (0, 1).")
   if args.ema < -1:
     parser.error(f"--ema={args.ema}: expected -1 (raw params) or an EMA index >= 0.")
 
@@ -57,6 +61,7 @@ def open_for_sampling(parser, args, step=None):
     s.interval = s.interval if args.interval is None else tuple(args.interval)
     s.num_steps = s.num_steps if args.steps is None else args.steps
     s.method = s.method if args.method is None else args.method
+    s.sigma_min = s.sigma_min if args.sigma_min is None else args.sigma_min
   return config, exp, state, s
 
 

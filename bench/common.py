@@ -127,19 +127,6 @@ def xla_flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def analytic_forward_flops(cfg, batch: int) -> float:
-  """Matmul + attention FLOPs (2 per multiply-add) of one JiT forward at ``batch``; the per-sample
-  conditioning (timestep MLP, adaLN) is included; norms, RoPE and softmax are not."""
-  h, d, n, f = cfg.hidden_size, cfg.patch_dim, cfg.num_patches, cfg.swiglu_hidden
-  per_token_embed = d * cfg.bottleneck_dim + cfg.bottleneck_dim * h + h * d  # embed + final linear
-  per_sample = 256 * h + h * h + cfg.depth * 6 * h * h + 2 * h * h  # t-MLP, block adaLN, final adaLN
-  total = n * per_token_embed + per_sample
-  for i in range(cfg.depth):
-    t = n + (cfg.in_context_len if cfg.uses_in_context and i >= cfg.in_context_start else 0)
-    total += t * (4 * h * h + 3 * h * f) + 2 * t * t * h  # qkv+proj, SwiGLU, QK^T and PV
-  return 2.0 * batch * total
-
-
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
   """Measured float32 FLOP/s of a jitted n^3 matmul on the default device (median of ``reps``)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

@@ -43,7 +43,7 @@ def main():
   st = common.stats(common.time_calls(call, warmup=args.warmup, reps=args.reps))
   sec = st["median_ms"] / 1e3
   evals = sampling.num_evaluations(args.steps, args.method)
-  flops = evals * common.analytic_forward_flops(model.config, 2 * args.num)
+  flops = evals * model.config.forward_flops(2 * args.num)
   common.emit(
       "sampler", img_per_s=args.num / sec, method=args.method, steps=args.steps, cfg=True, guidance=args.guidance,
       num_images=args.num, network_evals=evals, forward_img_per_s=evals * 2 * args.num / sec, call=st,

@@ -35,7 +35,7 @@ def main():
   st = common.stats(times)
   step_s = st["median_ms"] / 1e3
   flops = common.xla_flops(compiled)
-  analytic = 3 * common.analytic_forward_flops(model.config, config.batch_size)
+  analytic = 3 * model.config.forward_flops(config.batch_size)
   peak, peak_src = common.peak_flops(args.peak_tflops)
   m = config.model
   common.emit(

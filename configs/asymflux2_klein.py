@@ -8,7 +8,7 @@ AsymFlowVR + LPIPS on text-image pairs (spec section 8; LakonLab ``asymflux2_kle
     python -m asymflow_jax.data.t2i_prep --images=/data/pairs --out=/data/t2i_1024 --resolution=1024,1024 \
         --encoder_path=/ckpt/FLUX.2-klein-base-9B
     # 3. finetune on a pod
-    python -m asymflow_jax.train --config=configs/asymflux2_klein.py:v5p-64 --workdir=/ckpt/asymflux2 \
+    python -m asymflow_jax.train --config=configs/asymflux2_klein.py:v5p-128 --workdir=/ckpt/asymflux2 \
         --config.finetune.base=/ckpt/asymflux2_base --config.data.path=/data/t2i_1024
 
 The recipe: trainable x_embedder, proj_out, norm_out + LoRA rank 256 (dropout 0.05) on the
@@ -37,8 +37,9 @@ LORA_TARGETS = ("ff/linear_in", "ff/linear_out", "ff_context/linear_in", "ff_con
 
 # (data, fsdp, tensor) per slice; the batch 256 is split over data x fsdp.
 MESH_RECIPES = {
-    "v5p-64": (1, 64, 1),     # 64 chips (128 TensorCores as 64 megacore devices), 95 GiB HBM each
-    "v5p-32": (1, 32, 1),
+    # v5p slice names count TensorCores, two per chip, and JAX sees one (megacore) device per chip
+    "v5p-128": (1, 64, 1),    # 64 chips, 95 GiB HBM each: 4 images per chip
+    "v5p-64": (1, 32, 1),     # 32 chips: 8 images per chip
     "h100x32": (4, 8, 1),     # 4 nodes x 8 H100 (80 GB): FSDP inside a node, data across nodes; cuDNN flash attention
     "cpu-8": (1, 8, 1),       # the fake 8-device CPU mesh of the lowering test
 }

@@ -78,8 +78,8 @@ def test_patchify_rejects_indivisible_size():
     af.patchify(jnp.zeros((1, 30, 32, 3)), 4)
   with pytest.raises(ValueError, match=r"NHWC"):
     af.patchify(jnp.zeros((30, 32, 3)), 2)
-  with pytest.raises(ValueError, match=r"do not tile"):
-    af.unpatchify(jnp.zeros((1, 5, 48)), 4, 8, 8)
+  with pytest.raises(ValueError, match=r"do not tile a 8x12 image with patch 4: expected N=6 and D a multiple of 16\."):
+    af.unpatchify(jnp.zeros((1, 5, 48)), 4, 8, 12)
 
 
 # --------------------------------------------------------------------------------- projections
@@ -110,9 +110,9 @@ def test_calibrate_formula():
   want_k = 1.0 / (0.8 + 0.2 * sigma.astype(np.float64))
   np.testing.assert_allclose(np.asarray(k), want_k, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(t), sigma * want_k, rtol=1e-6)
-  k1, t1 = af.calibrate(jnp.asarray(sigma), 1.0)
-  np.testing.assert_array_equal(np.asarray(k1), np.ones(4))
-  np.testing.assert_array_equal(np.asarray(t1), sigma)
+  for k1, t1 in (af.calibrate(jnp.asarray(sigma), 1.0), af.calibrate(jnp.asarray(sigma))):   # s = 1: the default
+    np.testing.assert_array_equal(np.asarray(k1), np.ones(4))
+    np.testing.assert_array_equal(np.asarray(t1), sigma)
   # the calibrated level kσ is the latent-space noise level: k Uᵀx_σ = (1 − kσ) z + kσ ε with z = Uᵀx0/s
   s, x0, eps = 0.8, 0.7, -1.3
   for sg in (0.1, 0.6):
@@ -249,16 +249,19 @@ def test_bad_inputs_raise_clear_errors():
     af.asymmetric_target(x0, eps, 2 * u)
   with pytest.raises(ValueError, match=r"basis has 10 rows but tokens have dimension D=12"):
     af.asymmetric_target(x0, eps, _orthonormal(10, 3, 0))
-  with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[1.5\]"):
-    af.recover_velocity(x0, eps, u, np.array([0.1, 0.2, 1.5, 0.3], np.float32), sigma_min=0.04)
+  with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[1.5, -0.25\]\."):   # the ends are valid
+    af.recover_velocity(x0, eps, u, np.array([0.0, 1.0, 1.5, -0.25], np.float32), sigma_min=0.04)
+  with pytest.raises(ValueError, match=r"not orthonormal: max \|U\^T U - I\| = 3 > 0.0001"):   # rank 1 is checked too
+    af.project(x0, 2 * u[:, :1])
   with pytest.raises(ValueError, match=r"sigma must have shape \(4,\)"):
     af.recover_velocity(x0, eps, u, np.float32(0.5) * np.ones((4, 1), np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"same shape"):
     af.recover_velocity(x0, eps[:, :3], u, sigma, sigma_min=0.04)
   with pytest.raises(ValueError, match=r"same dtype"):
     af.recover_velocity(x0, eps.astype(np.float16), u, sigma, sigma_min=0.04)
-  with pytest.raises(ValueError, match=r"scale must be a finite positive number, got -1.0"):
-    af.asymmetric_target(x0, eps, u, scale=-1.0)
+  for bad in (-1.0, -0.5, 0.0, float("inf")):
+    with pytest.raises(ValueError, match=rf"scale must be a finite positive number, got {bad}"):
+      af.asymmetric_target(x0, eps, u, scale=bad)
   with pytest.raises(ValueError, match=r"sigma_min must be positive"):
     af.recover_velocity(x0, eps, u, sigma, sigma_min=0.0)
   with pytest.raises(ValueError, match=r"floating-point"):

@@ -204,6 +204,7 @@ def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight, capsy
            (["--batch=-3"], "--batch=-3: expected at least 1"),
            (["--steps=0"], "--steps=0: expected at least 1"),
            (["--interval", "0.8", "0.2"], "--interval 0.8 0.2: expected 0 <= LO <= HI <= 1"),
+           (["--sigma_min=0"], "--sigma_min=0.0: expected a number in (0, 1)"),
            (["--ema=3"], "--ema=3: the run has 1 EMA tree(s)")]
   # the real command line once (the exit status of the process) ...
   proc = _run(["-m", "asymflow_jax.sample", f"--workdir={straight}", *cases[0][0]])
@@ -215,6 +216,20 @@ def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight, capsy
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and needle in err, (extra, err[-1500:])
   assert not (straight / "samples" / "sample_0000006.png").exists()
+
+
+def test_sigma_min_override_reaches_the_recovery_clamp(tmp_path, straight):
+  # Heun with 2 steps evaluates the model at sigma = 1 and 0.5: a clamp of 0.9 changes the velocity at
+  # 0.5, the config's own value (4e-2) written out changes nothing.
+  from asymflow_jax import sample
+  def images(*extra):
+    out = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+    assert sample.main([f"--workdir={straight}", "--num=2", "--steps=2", "--method=heun", f"--out={out}", *extra]) == 0
+    with np.load(f"{out}.npz") as f:
+      return f["images"]
+  default = images()
+  assert np.array_equal(images("--sigma_min=0.04"), default)
+  assert np.abs(images("--sigma_min=0.9").astype(int) - default).max() > 0
 
 
 def test_nan_weights_and_nan_reference_statistics_fail_loudly(tmp_path, straight, capsys):

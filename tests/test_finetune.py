@@ -90,7 +90,7 @@ def test_vr_coefficient_against_numpy():
   gain = np.repeat(np.repeat(rng.normal(0.5, 1.0, size=(2, 2, 3, 3)), 4, axis=1), 4, axis=2)   # per patch
   d_full = (gain * d_lr + 0.2 * rng.normal(size=d_lr.shape)).astype(np.float32)
   d_lr = d_lr.astype(np.float32)
-  coef = np.asarray(af.vr_coefficient(jnp.asarray(d_full), jnp.asarray(d_lr), 4))
+  coef = np.asarray(af.vr_coefficient(d_full=jnp.asarray(d_full), d_lr=jnp.asarray(d_lr), patch_size=4))
   f = d_full.astype(np.float64).reshape(2, 2, 4, 3, 4, 3)
   l = d_lr.astype(np.float64).reshape(2, 2, 4, 3, 4, 3)
   want = np.clip((f * l).mean(axis=(2, 4)) / np.maximum((l * l).mean(axis=(2, 4)), 1e-4), 0, 1)

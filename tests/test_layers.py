@@ -66,6 +66,7 @@ LAYERS = {
     "asymflow_jax.data.prep": ENTRY,
     "asymflow_jax.data.t2i_prep": ENTRY,
     "asymflow_jax.lift_flux2": ENTRY,
+    "asymflow_jax.aot": ENTRY,
 }
 
 

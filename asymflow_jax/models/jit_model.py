@@ -87,6 +87,18 @@ class JiTConfig:
   def uses_in_context(self) -> bool:
     return self.in_context_len > 0 and self.in_context_start < self.depth
 
+  def forward_flops(self, batch: int) -> float:
+    """Matmul + attention FLOPs (2 per multiply-add) of one forward at ``batch``, with the per-sample
+    conditioning (timestep MLP, adaLN); norms, RoPE and softmax are not counted."""
+    h, d, n, f = self.hidden_size, self.patch_dim, self.num_patches, self.swiglu_hidden
+    per_token_embed = d * self.bottleneck_dim + self.bottleneck_dim * h + h * d  # embed + final linear
+    per_sample = 256 * h + h * h + self.depth * 6 * h * h + 2 * h * h  # t-MLP, block adaLN, final adaLN
+    total = n * per_token_embed + per_sample
+    for i in range(self.depth):
+      t = n + (self.in_context_len if self.uses_in_context and i >= self.in_context_start else 0)
+      total += t * (4 * h * h + 3 * h * f) + 2 * t * t * h  # qkv+proj, SwiGLU, QK^T and PV
+    return 2.0 * batch * total
+
   def dropout_active(self, i: int) -> bool:
     """Dropout (attn/proj/SwiGLU) only in blocks depth//4 <= i < 3*(depth//4)."""
     q = self.depth // 4
