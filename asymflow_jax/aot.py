@@ -13,9 +13,10 @@ topology's devices exactly as training would; nothing is allocated (abstract inp
 
 Prints a table and one JSON line (``--out`` also writes it): per-chip argument / output / temporary /
 generated-code bytes from XLA's memory analysis against the chip's HBM, the FLOPs of one step per
-chip from XLA's cost analysis, the step-time lower bound at the chip's bf16 peak, the MFU ceiling
-(model FLOPs / compiled FLOPs: what remat's recomputation leaves), and the lowering and compile
-seconds. Exit status 1 when the step does not fit the chip, with the biggest terms and what to
+chip from XLA's cost analysis and (JiT) the model's analytic FLOPs, the step-time lower bound at the
+chip's bf16 peak (the larger of the two counts), the MFU ceiling (model FLOPs / compiled FLOPs: what
+remat's recomputation leaves; n/a where XLA counts fewer than the model's), and the lowering and
+compile seconds. Exit status 1 when the step does not fit the chip, with the biggest terms and what to
 change. XLA counts a scanned loop body once, so the FLOPs of layer-scanned models (FLUX.2,
 DINOv2 inside REPA) are lower bounds.
 """
@@ -47,6 +48,7 @@ class Topology:
   platform: str                 # "tpu" or "cpu"
   chips: int                    # per slice
   libtpu_name: str | None       # e.g. "v5:2x4x4"
+  chip_config: str | None       # "megacore" (v4, v5p: the two TensorCores of a chip as one device) or "default"
   wrap: tuple | None            # torus wrap-around per dimension (full cubes only)
   hbm_bytes: int | None
   peak_flops: float | None      # bf16 FLOP/s per chip
@@ -56,7 +58,7 @@ def parse_topology(name: str) -> Topology:
   """``v5p-64`` / ``v4-32`` / ``v5e-64`` / ``v6e-64`` / ``cpu-8`` -> :class:`Topology`; a clear error otherwise."""
   m = re.fullmatch(r"cpu-(\d+)", name)
   if m and int(m.group(1)) >= 1:
-    return Topology(name, "cpu", int(m.group(1)), None, None, None, None)
+    return Topology(name, "cpu", int(m.group(1)), None, None, None, None, None)
   m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
   if not m:
     raise ValueError(f"--topology={name!r}: expected a TPU slice name such as v4-32, v5p-64, v5e-64, v6e-64, "
@@ -72,8 +74,8 @@ def parse_topology(name: str) -> Topology:
   grid = grids[chips]
   # torus links: a 3D slice wraps around only as a full cube of >= 4 per side; a 2D one per side of 16
   wrap = (min(grid) >= 4,) * 3 if len(grid) == 3 else (grid[0] >= 16, grid[1] >= 16, False)
-  return Topology(name, "tpu", chips, f"{prefix}:{'x'.join(map(str, grid))}", wrap, hbm_gib * 2 ** 30,
-                  tflops * 1e12)
+  return Topology(name, "tpu", chips, f"{prefix}:{'x'.join(map(str, grid))}",
+                  "megacore" if cores_per_chip == 2 else "default", wrap, hbm_gib * 2 ** 30, tflops * 1e12)
 
 
 def _argv_value(flag: str, argv) -> str | None:
@@ -121,8 +123,14 @@ def devices(topo: Topology, num_slices: int = 1) -> list:
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(f"--topology={topo.name} compiles with the TPU compiler of the libtpu wheel, which is not "
                      "installed: `pip install .[tpu-aot]` (or use --topology=cpu-N).")
-  desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.libtpu_name,
+  # libtpu takes a host-wide lock meant for real chips; compile-only use needs none, and without this
+  # two compiles (or a compile and the optional test) on one host would refuse each other
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.libtpu_name, chip_config_name=topo.chip_config,
                                       chips_per_host_bounds=(2, 2, 1), num_slices=num_slices, wrap=topo.wrap)
+  if len(desc.devices) != topo.chips * num_slices:
+    raise ValueError(f"libtpu gave {len(desc.devices)} devices for {topo.name} x {num_slices} slice(s); expected "
+                     f"{topo.chips * num_slices} (one per chip).")
   return list(desc.devices)
 
 
@@ -225,8 +233,10 @@ def report(fields: dict) -> str:
   if fields.get("step_time_lower_bound_s") is not None:
     rows.append(("step time lower bound", f"{_seconds(fields['step_time_lower_bound_s'])} at "
                                           f"{fields['peak_tflops']:.0f} TFLOP/s bf16"))
-  if fields.get("mfu_ceiling") is not None:
-    rows.append(("MFU ceiling", f"{fields['mfu_ceiling']:.0%} (model FLOPs / compiled FLOPs)"))
+  if fields.get("model_flops_per_chip") is not None:
+    rows.append(("model FLOPs / chip", f"{fields['model_flops_per_chip']:.4g} (3 x the analytic forward)"))
+    rows.append(("MFU ceiling", "n/a (XLA counts fewer FLOPs than the model's)" if fields["mfu_ceiling"] is None
+                 else f"{fields['mfu_ceiling']:.0%} (model FLOPs / compiled FLOPs)"))
   rows.append(("lower / compile", f"{fields['lower_s']:.1f} s / {fields['compile_s']:.1f} s"))
   if "sampler" in fields:
     sm = fields["sampler"]
@@ -270,12 +280,15 @@ def main(argv=None) -> int:
                 bytes_per_chip=mem, flops_per_chip=res["flops"], lower_s=round(res["lower_s"], 2),
                 compile_s=round(res["compile_s"], 2))
   model_flops = model_flops_per_chip(exp, n)
-  if model_flops is not None and res["flops"] > 0:
+  if model_flops is not None:
     fields["model_flops_per_chip"] = model_flops
-    fields["mfu_ceiling"] = min(1.0, model_flops / res["flops"])
+    # XLA:TPU's cost analysis can count fewer FLOPs than the model's matmuls need; the ceiling is
+    # only meaningful where it counts at least those
+    fields["mfu_ceiling"] = model_flops / res["flops"] if res["flops"] >= model_flops else None
   if topo.hbm_bytes:
+    work = max(res["flops"], model_flops or 0.0)   # the step executes at least the model's FLOPs
     fields.update(hbm_bytes=topo.hbm_bytes, fits=mem["peak"] <= topo.hbm_bytes, peak_tflops=topo.peak_flops / 1e12,
-                  step_time_lower_bound_s=res["flops"] / topo.peak_flops)
+                  step_time_lower_bound_s=work / topo.peak_flops)
   if args.sampler:
     try:
       fields["sampler"] = compile_sampler(config, devs, args.sampler_batch or config.batch_size)

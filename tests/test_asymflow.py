@@ -78,6 +78,11 @@ def test_patchify_rejects_indivisible_size():
     af.patchify(jnp.zeros((1, 30, 32, 3)), 4)
   with pytest.raises(ValueError, match=r"NHWC"):
     af.patchify(jnp.zeros((30, 32, 3)), 2)
+  for bad_p in (0, 2.0):
+    with pytest.raises(ValueError, match=rf"patch size p must be a positive integer, got {bad_p}"):
+      af.patchify(jnp.zeros((1, 8, 8, 3)), bad_p)
+  with pytest.raises(ValueError, match=r"do not tile a 8x8 image with patch 4: expected N=4 and D a multiple of 16"):
+    af.unpatchify(jnp.zeros((1, 4, 20)), 4, 8, 8)     # the right N, but D = 20 is not p^2 C
   with pytest.raises(ValueError, match=r"do not tile a 8x12 image with patch 4: expected N=6 and D a multiple of 16\."):
     af.unpatchify(jnp.zeros((1, 5, 48)), 4, 8, 12)
 
@@ -251,6 +256,8 @@ def test_bad_inputs_raise_clear_errors():
     af.asymmetric_target(x0, eps, _orthonormal(10, 3, 0))
   with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[1.5, -0.25\]\."):   # the ends are valid
     af.recover_velocity(x0, eps, u, np.array([0.0, 1.0, 1.5, -0.25], np.float32), sigma_min=0.04)
+  with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[-0.25\]\."):
+    af.recover_velocity(x0, eps, u, np.array([0.5, -0.25, 0.5, 0.5], np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"not orthonormal: max \|U\^T U - I\| = 3 > 0.0001"):   # rank 1 is checked too
     af.project(x0, 2 * u[:, :1])
   with pytest.raises(ValueError, match=r"sigma must have shape \(4,\)"):
