@@ -51,19 +51,31 @@ def sigma_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:
 
 def guided_velocity(velocity_fn: VelocityFn, x, sigma, labels, *, null_label: int, guidance, interval,
                     orthogonal=0.0):
-  """CFG velocity at one evaluation; ``sigma`` is a scalar, ``interval`` = (lo, hi) in sigma."""
+  """CFG velocity at one evaluation; ``sigma`` is a scalar, ``interval`` = (lo, hi) in sigma.
+
+  Inside the interval (inclusive) the model runs on the doubled batch (conditional + null label);
+  outside it, or at guidance 1, only on the conditional half (a ``lax.cond``: both branches are
+  compiled once, so new traced intervals or scales never recompile).
+  """
   b = x.shape[0]
-  sig = jnp.full((2 * b,), sigma, jnp.float32)
-  both = velocity_fn(jnp.concatenate([x, x]), sig, jnp.concatenate([jnp.full_like(labels, null_label), labels]))
-  neg, pos = both[:b], both[b:]
-  bias = pos - neg
-  x0_hat = x - sigma * pos
-  axes = tuple(range(1, x.ndim))
-  coef = jnp.mean(bias * x0_hat, axes, keepdims=True) / jnp.maximum(jnp.mean(x0_hat * x0_hat, axes, keepdims=True), 1e-6)
-  bias = bias - orthogonal * coef * x0_hat
-  on = (sigma >= interval[0]) & (sigma <= interval[1])
-  g = jnp.where(on, guidance, 1.0)
-  return pos + (g - 1.0) * bias
+
+  def guided(x):
+    sig = jnp.full((2 * b,), sigma, jnp.float32)
+    both = velocity_fn(jnp.concatenate([x, x]), sig, jnp.concatenate([jnp.full_like(labels, null_label), labels]))
+    neg, pos = both[:b], both[b:]
+    bias = pos - neg
+    x0_hat = x - sigma * pos
+    axes = tuple(range(1, x.ndim))
+    coef = (jnp.mean(bias * x0_hat, axes, keepdims=True)
+            / jnp.maximum(jnp.mean(x0_hat * x0_hat, axes, keepdims=True), 1e-6))
+    bias = bias - orthogonal * coef * x0_hat
+    return pos + (guidance - 1.0) * bias
+
+  def conditional(x):
+    return velocity_fn(x, jnp.full((b,), sigma, jnp.float32), labels)
+
+  on = (sigma >= interval[0]) & (sigma <= interval[1]) & (guidance != 1.0)
+  return jax.lax.cond(on, guided, conditional, x)
 
 
 def sample(velocity_fn: VelocityFn, noise, labels, *, num_steps: int, method: str = "heun", guidance=1.0,

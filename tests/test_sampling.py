@@ -78,6 +78,19 @@ def test_cfg_interval_is_inclusive_in_sigma():
   np.testing.assert_allclose(np.asarray(g(0.5)), 2.3)
 
 
+def test_unconditional_half_runs_only_inside_the_interval():
+  # a velocity that reports the batch it was called with: 2B where the null-label half runs, else B
+  vel = lambda x, sigma, labels: jnp.full(x.shape, x.shape[0], jnp.float32)
+  x, labels = jnp.zeros((3, 2)), jnp.array([1, 2, 3])
+  g = jax.jit(lambda s, scale, hi: sampling.guided_velocity(vel, x, s, labels, null_label=10, guidance=scale,
+                                                             interval=(0.0, hi)))
+  np.testing.assert_array_equal(g(0.5, 2.3, 0.88), 6.0)    # inside: 6 + 1.3 (6 - 6)
+  np.testing.assert_array_equal(g(0.9, 2.3, 0.88), 3.0)    # outside: the conditional half alone
+  np.testing.assert_array_equal(g(0.5, 1.0, 0.88), 3.0)    # guidance 1: nothing to guide
+  np.testing.assert_array_equal(g(0.9, 2.3, 1.0), 6.0)     # a new traced interval ...
+  assert g._cache_size() == 1                               # ... reuses the one compiled program
+
+
 def test_orthogonal_guidance_removes_component_along_x0():
   def vel(x, sigma, labels):
     return jnp.where((labels == 10)[:, None], jnp.array([0.0, 0.0]), jnp.array([1.0, 2.0])) + 0 * x
@@ -104,7 +117,9 @@ def test_heun_cfg_compiles_once_for_different_guidance():
   z, y = jnp.ones((2, 4)), jnp.array([1, 2])
   outs = [run(z, y, g, 0.88) for g in (1.0, 2.3, 4.0)]
   assert run._cache_size() == 1
-  assert traces["n"] == 3  # traced once: predictor + corrector in the loop body, and the final Euler step
+  # traced once: predictor + corrector in the loop body and the final Euler step, each with the
+  # guided and the conditional-only branch
+  assert traces["n"] == 6
   assert not np.allclose(outs[1], outs[2])
 
 
