@@ -48,6 +48,7 @@ def main(argv=None) -> int:
   src.add_argument("--images", help=".npz with uint8 images under 'images' (or 'arr_0')")
   parser.add_argument("--metric", choices=EVAL_METRICS, default="fdd")
   parser.add_argument("--num", type=int, default=1000, help="samples to generate (with --workdir)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (with --workdir; default: latest)")
   parser.add_argument("--inception", default=None, help="FID Inception weights .npz")
   parser.add_argument("--reference", default=None, help="reference statistics / images .npz (ADM format)")
   parser.add_argument("--classifier", default=None,
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     scorer = scoring.make_scorer(args.metric, inception=args.inception, reference=args.reference,
                                  classifier_cache=cache, num_images=args.num if images is None else len(images))
     if images is None:
-      _, exp, state, settings = cli.open_for_sampling(parser, args)
+      _, exp, state, settings = cli.open_for_sampling(parser, args, args.step)
       images = sampling.generate_from_config(exp.model, state.params, state.basis, state.scale, exp.mesh,
                                              sample_config=settings, num=args.num, seed=args.seed,
                                              batch=args.batch, progress=True,
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:
       return 0
     result = scorer(images)
+    if args.workdir:
+      result["step"] = int(state.step)
   except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.CheckpointError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1

@@ -1,13 +1,13 @@
 """FDD of final checkpoints as a function of the inference recovery clamp sigma_min (docs/ablation.md).
 
-    python bench/clamp_sensitivity.py workdirs/long --out docs/ablation_clamp [--steps 50] [--num 500]
+    python bench/clamp_sensitivity.py workdirs/long --out docs/ablation_clamp [--steps 50] [--num 500] [--step 800]
     -> OUT.md (mean ± std over seeds per arm and clamp) and OUT.jsonl (one line per run and clamp)
 
 For every run folder under ROOT (as bench/ablation_report.py groups them: runs that differ only in
-``seed`` are one arm), samples ``--num`` class-balanced EMA images from the latest checkpoint with
-each ``--sigma_min`` value and scores them with the Frechet Digit Distance, through the evaluate
-CLI (``python -m asymflow_jax.evaluate --workdir=RUN --sigma_min=V``), so each number is reproducible
-one at a time. The clamp only acts where the sampler evaluates sigma < sigma_min: with N uniform
+``seed`` are one arm), samples ``--num`` class-balanced EMA images from the latest checkpoint (or
+``--step``) with each ``--sigma_min`` value and scores them with the Frechet Digit Distance,
+through the evaluate CLI (``python -m asymflow_jax.evaluate --workdir=RUN --step=S --sigma_min=V``),
+so each number is reproducible one at a time. The clamp only acts where the sampler evaluates sigma < sigma_min: with N uniform
 Heun steps the smallest evaluated sigma is 1/N, hence the default of 50 steps (the ImageNet
 protocol's count; sigma down to 0.02).
 """
@@ -38,6 +38,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--num", type=int, default=500)
   p.add_argument("--method", default="heun")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step of every run (default: each run's latest)")
   args = p.parse_args(argv)
   runs = ablation_report.load_runs(args.root)
   if not runs:
@@ -47,21 +48,22 @@ def main(argv=None):
   if os.path.exists(args.out + ".jsonl"):      # resume: keep the (run, clamp) pairs already scored
     with open(args.out + ".jsonl") as f:
       for row in map(json.loads, f):
-        done[(row["run"], row["sigma_min"], row["steps"], row["num"])] = row
+        done[(row["run"], row["sigma_min"], row["steps"], row["num"], row["step"])] = row
   for name, run in runs.items():
     for sm in args.sigma_min:
-      key = (name, sm, args.steps, args.num)
+      step = args.step if args.step is not None else _latest_step(os.path.join(args.root, name))
+      key = (name, sm, args.steps, args.num, step)
       if key not in done:
-        res = os.path.join(args.root, name, f"clamp_{sm:g}_{args.steps}.json")
+        res = os.path.join(args.root, name, f"clamp_{sm:g}_{args.steps}_{step}.json")
         rc = evaluate.main([f"--workdir={os.path.join(args.root, name)}", "--metric=fdd", f"--num={args.num}",
                             f"--steps={args.steps}", f"--method={args.method}", f"--sigma_min={sm}",
-                            f"--out={res}"])
+                            f"--step={step}", f"--out={res}"])
         if rc != 0:
           raise SystemExit(f"evaluate failed for {name} at sigma_min={sm}")
         with open(res) as f:
           fdd = json.load(f)["fdd"]
         done[key] = dict(run=name, label=run["label"], seed=run["seed"], sigma_min=sm, steps=args.steps,
-                         num=args.num, step=_latest_step(os.path.join(args.root, name)), fdd=fdd)
+                         num=args.num, step=step, fdd=fdd)
         with open(args.out + ".jsonl", "a") as f:
           f.write(json.dumps(done[key]) + "\n")
         print(json.dumps(done[key]), flush=True)

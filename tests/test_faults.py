@@ -232,6 +232,20 @@ def test_sigma_min_override_reaches_the_recovery_clamp(tmp_path, straight):
   assert np.abs(images("--sigma_min=0.9").astype(int) - default).max() > 0
 
 
+def test_evaluate_scores_the_requested_checkpoint(tmp_path, straight, capsys, digit_classifier):
+  from asymflow_jax import evaluate
+  def score(*extra):
+    out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.json"
+    assert evaluate.main([f"--workdir={straight}", "--metric=fdd", "--num=10", "--steps=2", "--seed=3",
+                          f"--classifier={digit_classifier}", f"--out={out}", *extra]) == 0
+    return json.loads(out.read_text())
+  latest, older = score(), score("--step=4")
+  assert (latest["step"], older["step"]) == (6, 4) and latest["fdd"] != older["fdd"]
+  assert evaluate.main([f"--workdir={straight}", "--metric=fdd", "--num=10", "--step=5",
+                        f"--classifier={digit_classifier}"]) == 1
+  assert "--step=5: the workdir has checkpoints at steps [2, 4, 6]" in capsys.readouterr().err
+
+
 def test_nan_weights_and_nan_reference_statistics_fail_loudly(tmp_path, straight, capsys):
   # NaN EMA weights in the newest checkpoint: sampling refuses them (exit 1), no black PNG is written
   wd = tmp_path / "wd"
