@@ -241,6 +241,10 @@ def test_conversions_are_consistent():
   np.testing.assert_allclose(np.asarray(af.noise_from_velocity(x_t, u, sigma)), eps, atol=1e-5)
   np.testing.assert_allclose(np.asarray(af.velocity_from_x0(x_t, x0, sigma, sigma_min=1e-6)), u, atol=1e-4)
   np.testing.assert_allclose(np.asarray(af.velocity_from_noise(x_t, eps, sigma)), u, atol=1e-4)
+  # at sigma = 1 the epsilon-prediction conversion divides by 1 - min(sigma, 1 - 1e-6) = 1e-6, not by 0
+  # (1.013e-6 in float32, whose spacing just below 1 is 6e-8)
+  one = jnp.ones_like(sigma)
+  np.testing.assert_allclose(np.asarray(af.velocity_from_noise(eps, 0.5 * eps, one)), -0.5 * eps / 1e-6, rtol=0.02)
 
 
 # -------------------------------------------------------------------------------------- errors
@@ -256,6 +260,8 @@ def test_bad_inputs_raise_clear_errors():
     af.asymmetric_target(x0, eps, _orthonormal(10, 3, 0))
   with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[1.5, -0.25\]\."):   # the ends are valid
     af.recover_velocity(x0, eps, u, np.array([0.0, 1.0, 1.5, -0.25], np.float32), sigma_min=0.04)
+  with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[2.0, 3.0, 4.0, 5.0\]\."):
+    af.check_sigma(np.array([2, 3, 4, 5, 6], np.float32))   # the first four offenders
   with pytest.raises(ValueError, match=r"sigma must lie in \[0, 1\], got values \[-0.25\]\."):
     af.recover_velocity(x0, eps, u, np.array([0.5, -0.25, 0.5, 0.5], np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"not orthonormal: max \|U\^T U - I\| = 3 > 0.0001"):   # rank 1 is checked too

@@ -99,6 +99,8 @@ def test_vr_coefficient_against_numpy():
   assert 0 < (coef == 0).mean() < 1 and 0 < (coef == 1).mean() < 1    # both clamps are exercised
   np.testing.assert_array_equal(af.vr_coefficient(jnp.asarray(d_full), jnp.zeros_like(d_lr), 4), 0.0)
   np.testing.assert_allclose(af.vr_coefficient(jnp.asarray(d_lr), jnp.asarray(d_lr), 4), 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"image size 8x6 is not divisible by the patch size 4"):
+    af.vr_coefficient(jnp.zeros((1, 8, 6, 1)), jnp.zeros((1, 8, 6, 1)), 4)
 
 
 def test_loss_shift_schedule():
