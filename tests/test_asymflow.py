@@ -81,6 +81,11 @@ def test_patchify_rejects_indivisible_size():
   for bad_p in (0, 2.0):
     with pytest.raises(ValueError, match=rf"patch size p must be a positive integer, got {bad_p}"):
       af.patchify(jnp.zeros((1, 8, 8, 3)), bad_p)
+  for bad_p in (0, 2.0):
+    with pytest.raises(ValueError, match=rf"patch size p must be a positive integer, got {bad_p}"):
+      af.unpatchify(jnp.zeros((1, 4, 48)), bad_p, 8, 8)
+  with pytest.raises(ValueError, match=r"image size H=8, W=6 is not divisible by the patch size p=4"):
+    af.unpatchify(jnp.zeros((1, 2, 48)), 4, 8, 6)
   with pytest.raises(ValueError, match=r"do not tile a 8x8 image with patch 4: expected N=4 and D a multiple of 16"):
     af.unpatchify(jnp.zeros((1, 4, 20)), 4, 8, 8)     # the right N, but D = 20 is not p^2 C
   with pytest.raises(ValueError, match=r"do not tile a 8x12 image with patch 4: expected N=6 and D a multiple of 16\."):
@@ -266,6 +271,10 @@ def test_bad_inputs_raise_clear_errors():
     af.recover_velocity(x0, eps, u, np.array([0.5, -0.25, 0.5, 0.5], np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"not orthonormal: max \|U\^T U - I\| = 3 > 0.0001"):   # rank 1 is checked too
     af.project(x0, 2 * u[:, :1])
+  edge = np.array([[1.5], [0.0]], np.float32)       # max |U^T U - I| = 1.25 exactly: the bound is inclusive
+  assert af.check_basis(edge, atol=1.25) is edge
+  with pytest.raises(ValueError, match=r"= 1.25 > 1.2"):
+    af.check_basis(edge, atol=1.2)
   with pytest.raises(ValueError, match=r"sigma must have shape \(4,\)"):
     af.recover_velocity(x0, eps, u, np.float32(0.5) * np.ones((4, 1), np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"same shape"):
