@@ -271,6 +271,8 @@ def test_bad_inputs_raise_clear_errors():
     af.recover_velocity(x0, eps, u, np.array([0.5, -0.25, 0.5, 0.5], np.float32), sigma_min=0.04)
   with pytest.raises(ValueError, match=r"not orthonormal: max \|U\^T U - I\| = 3 > 0.0001"):   # rank 1 is checked too
     af.project(x0, 2 * u[:, :1])
+  with pytest.raises(ValueError, match=r"= 0.0201 > 0.0001"):   # the default tolerance 1e-4
+    af.check_basis(1.01 * u)
   edge = np.array([[1.5], [0.0]], np.float32)       # max |U^T U - I| = 1.25 exactly: the bound is inclusive
   assert af.check_basis(edge, atol=1.25) is edge
   with pytest.raises(ValueError, match=r"= 1.25 > 1.2"):
