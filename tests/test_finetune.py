@@ -294,8 +294,12 @@ def test_finetune_step_trains_only_the_subset_and_never_changes_the_teacher(setu
   n_base = sum(a.size for a in jax.tree.leaves(base))
   assert sum(a.size for a in jax.tree.leaves(state.ema[0])) == n_trained < n_base / 2
   step = objective.jit_train_step(exp)
+  first = state
   for _ in range(3):
     state, metrics = step(state, batch)
+  # the step donates its input state (no second copy of the model on device), not the batch
+  assert all(a.is_deleted() for a in jax.tree.leaves(first.params))
+  assert not any(a.is_deleted() for a in jax.tree.leaves(batch))
   assert int(state.nonfinite_step) == -1 and np.isfinite(float(metrics["loss"]))
   assert 0 <= float(metrics["terms"]["vr_coef"]) <= 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen_before)

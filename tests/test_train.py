@@ -64,25 +64,33 @@ def test_sigma_sampler_and_schedule():
                              rtol=1e-6)
 
 
-def test_flow_loss_matches_direct_formula():
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_flow_loss_matches_direct_formula(dropout):
   c = tiny_train_config()
   c.prob_class = 1.0
+  if dropout:   # 4 blocks, so that blocks 1 and 2 have dropout: the loss runs the network in train mode
+    c.model.depth, c.model.proj_dropout = 4, dropout
   model = experiment.model_from_config(c)
   basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0], jnp.float32)
   # (jitted: run eagerly, the network's init and forward compile hundreds of small programs)
   params = jax.jit(lambda k: asymjit.init_params(model, k, basis))(jax.random.key(1))
   rng = np.random.default_rng(1)
+  # away from the initialisation, whose zero output layer would hide what the blocks (and dropout) do
+  params = jax.tree.map(lambda a: a + jnp.asarray(0.05 * rng.standard_normal(a.shape), a.dtype), params)
   batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 1)), jnp.float32), label=jnp.arange(4))
   key = jax.random.key(3)
   loss, aux = jax.jit(lambda p, b, k: objective.flow_loss(p, b, k, basis, 1.0, model=model, config=c))(params, batch, key)
   # rebuild the same draws and the loss by hand: w = sigma / max(sigma, 0.05), target eps - x0
-  _, k_sigma, k_noise, _ = jax.random.split(key, 4)
+  _, k_sigma, k_noise, k_drop = jax.random.split(key, 4)
   sigma = objective.sample_sigma(k_sigma, 4, c)
   noise = jax.random.normal(k_noise, (4, 32, 32, 1))
   x0 = batch["image"]
   x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
-  u = jax.jit(lambda p, x, s: asymjit.asymjit_apply(model, p, x, s, batch["label"], basis,
-                                                    sigma_min=af.TRAIN_SIGMA_MIN))(params, x_t, sigma)
+  u = jax.jit(lambda p, x, s: asymjit.asymjit_apply(model, p, x, s, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN,
+                                                    train=True, rngs={"dropout": k_drop}))(params, x_t, sigma)
+  if dropout:   # and dropout matters: the eval-mode network gives another loss
+    u_eval = asymjit.asymjit_apply(model, params, x_t, sigma, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN)
+    assert np.abs(np.asarray(u_eval) - np.asarray(u)).max() > 1e-3
   w = np.asarray(sigma / np.maximum(sigma, 0.05))[:, None, None, None]
   want = np.mean((w * (np.asarray(u) - (np.asarray(noise) - np.asarray(x0)))) ** 2)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
