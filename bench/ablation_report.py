@@ -132,6 +132,25 @@ def convergence(runs: dict[str, dict], reference: str = "r=0") -> str:
   return "\n".join(rows) + "\n"
 
 
+def steps_to(runs: dict[str, dict], thresholds: list[float]) -> str:
+  """Steps each arm needs to first reach each FDD level (see :func:`_crossing`): mean ± std over seeds,
+  "not reached (k)" for the seeds that never got there within their run."""
+  head = "| run | seeds | " + " | ".join(f"steps to FDD {t:g}" for t in thresholds) + " |"
+  rows = [head, "|---" * (len(thresholds) + 2) + "|"]
+  for g in arms(runs):
+    mine = sorted((r for r in runs.values() if r["label"] == g["label"]), key=lambda r: r["seed"])
+    cells = []
+    for t in thresholds:
+      hits = [_crossing(r["fdd"], t) for r in mine]
+      reached = [float(h) for h in hits if h is not None]
+      cell = _cell(reached, len(reached), ".0f") if reached else "not reached"
+      if reached and len(reached) < len(hits):
+        cell += f" ({len(hits) - len(reached)} not reached)"
+      cells.append(cell)
+    rows.append(f"| {g['label']} | {', '.join(str(r['seed']) for r in mine)} | " + " | ".join(cells) + " |")
+  return "\n".join(rows) + "\n"
+
+
 def plot(runs: dict[str, dict], path: str, title: str):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -161,6 +180,8 @@ def main():
   parser.add_argument("--out", default="docs/ablation")
   parser.add_argument("--convergence", action="store_true",
                       help="also the steps-to-reach-r=0's-final-FDD table (OUT_convergence.md)")
+  parser.add_argument("--thresholds", default="",
+                      help="comma-separated FDD levels: also the steps-to-reach-each-level table (OUT_steps_to.md)")
   parser.add_argument("--title", default="Rank ablation: MNIST 32px, patch 8 (D = 64), bottleneck 16")
   args = parser.parse_args()
   runs = load_runs(args.root)
@@ -171,6 +192,11 @@ def main():
     f.write(text)
   plot(runs, args.out + "_fdd.png", args.title)
   print(text)
+  if args.thresholds:
+    text = steps_to(runs, [float(t) for t in args.thresholds.split(",")])
+    with open(args.out + "_steps_to.md", "w") as f:
+      f.write(text)
+    print(text)
   if args.convergence:
     text = convergence(runs)
     with open(args.out + "_convergence.md", "w") as f:
