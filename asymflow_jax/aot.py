@@ -142,7 +142,12 @@ def _memory(compiled) -> dict:
   return out
 
 
-def _flops(compiled) -> float:
+def xla_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable from XLA's cost analysis (dict or list-of-dict forms).
+
+  For a train step this is the whole step: forward, backward and optimizer update. Loops are
+  counted once per body by XLA, so do not use it for ``fori_loop`` samplers.
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     return float(sum(c.get("flops", 0.0) for c in cost if c))
@@ -173,7 +178,7 @@ def compile_train_step(config, devs) -> tuple[experiment.Experiment, dict]:
   lower_s = time.time() - t
   t = time.time()
   compiled = lowered.compile()
-  return exp, dict(memory=_memory(compiled), flops=_flops(compiled), lower_s=lower_s, compile_s=time.time() - t)
+  return exp, dict(memory=_memory(compiled), flops=xla_flops(compiled), lower_s=lower_s, compile_s=time.time() - t)
 
 
 def compile_sampler(config, devs, batch: int) -> dict:

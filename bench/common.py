@@ -115,18 +115,6 @@ def add_config_args(parser, default: str):
 # ------------------------------------------------------------------------------- FLOPs and MFU
 
 
-def xla_flops(compiled) -> float:
-  """FLOPs of one call of a compiled executable from XLA's cost analysis (dict or list-of-dict forms).
-
-  For a train step this is the whole step: forward, backward and optimizer update. Loops are
-  counted once per body by XLA, so do not use it for ``fori_loop`` samplers.
-  """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    return float(sum(c.get("flops", 0.0) for c in cost if c))
-  return float((cost or {}).get("flops", 0.0))
-
-
 def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
   """Measured float32 FLOP/s of a jitted n^3 matmul on the default device (median of ``reps``)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

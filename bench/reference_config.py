@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (puts the repository on sys.path)
+from asymflow_jax.aot import xla_flops  # noqa: E402
 from configs import common as cfg_common  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def main():
   fwd_times = common.stats(common.time_calls(lambda: fwd_c(params, x, sigma, labels, basis),
                                              warmup=args.warmup, reps=args.reps))
 
-  flops = common.xla_flops(compiled)
+  flops = xla_flops(compiled)
   peak, peak_src = common.peak_flops(None)
   step_s = train_times["median_ms"] / 1e3
   common.emit(
@@ -85,7 +86,7 @@ def main():
       train_step_ms=train_times["median_ms"], train_img_per_s=args.train_batch / step_s, train_batch=args.train_batch,
       forward_ms=fwd_times["median_ms"], forward_img_per_s=b / (fwd_times["median_ms"] / 1e3), forward_batch=b,
       train_step=train_times, forward=fwd_times,
-      train_flops_per_step_xla=flops, forward_flops_xla=common.xla_flops(fwd_c),
+      train_flops_per_step_xla=flops, forward_flops_xla=xla_flops(fwd_c),
       peak_tflops=peak / 1e12, peak_source=peak_src, train_fraction_of_peak=flops / step_s / peak,
       config=dict(input=f"{m.input_size}x{m.input_size}x{m.in_channels}", patch=m.patch_size, hidden=m.hidden_size,
                   depth=m.depth, heads=m.num_heads, bottleneck=m.bottleneck_dim, in_context_len=m.in_context_len,

@@ -13,6 +13,7 @@ measured in the same run (so on CPU "MFU" is a fraction of the measured matmul p
 import argparse
 
 import common
+from asymflow_jax.aot import xla_flops
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
   times = common.time_calls(step, warmup=args.warmup, reps=args.steps)
   st = common.stats(times)
   step_s = st["median_ms"] / 1e3
-  flops = common.xla_flops(compiled)
+  flops = xla_flops(compiled)
   analytic = 3 * model.config.forward_flops(config.batch_size)
   peak, peak_src = common.peak_flops(args.peak_tflops)
   m = config.model

@@ -50,7 +50,7 @@ def test_forward_flops_match_xla_cost_analysis():
   fwd = jax.jit(lambda p, x, t, y: model.apply(p, x, t, y, train=False)).lower(
       params, jax.ShapeDtypeStruct((b, 32, 32, 1), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.float32),
       jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
-  xla = aot._flops(fwd)   # pylint: disable=protected-access
+  xla = aot.xla_flops(fwd)
   analytic = model.config.forward_flops(b)
   assert 1.0 <= xla / analytic <= 1.1, (xla, analytic)
 
