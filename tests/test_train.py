@@ -89,7 +89,8 @@ def test_flow_loss_matches_direct_formula(dropout):
   u = jax.jit(lambda p, x, s: asymjit.asymjit_apply(model, p, x, s, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN,
                                                     train=True, rngs={"dropout": k_drop}))(params, x_t, sigma)
   if dropout:   # and dropout matters: the eval-mode network gives another loss
-    u_eval = asymjit.asymjit_apply(model, params, x_t, sigma, batch["label"], basis, sigma_min=af.TRAIN_SIGMA_MIN)
+    u_eval = jax.jit(lambda p, x, s: asymjit.asymjit_apply(model, p, x, s, batch["label"], basis,
+                                                         sigma_min=af.TRAIN_SIGMA_MIN))(params, x_t, sigma)
     assert np.abs(np.asarray(u_eval) - np.asarray(u)).max() > 1e-3
   w = np.asarray(sigma / np.maximum(sigma, 0.05))[:, None, None, None]
   want = np.mean((w * (np.asarray(u) - (np.asarray(noise) - np.asarray(x0)))) ** 2)
