@@ -59,6 +59,29 @@ BUGS = (
         "BN_EPSILON = 1e-3", "BN_EPSILON = 1e-5", ("tests/test_inception_real.py",)),
 )
 
+# Mutants of objective.py that survived the first mutation run (docs/testing.md) and the tests written
+# to kill them: planted here so that each kill can be replayed without rerunning the whole session.
+BUCKETS = "tests/test_train.py::test_loss_by_sigma_buckets_at_their_edges"
+VR = "tests/test_finetune.py::test_vr_loss_matches_a_float64_derivation"
+T2I = "tests/test_asymflux2.py::test_t2i_batch_spec_and_shardings"
+BUGS += (
+    Bug("mut_bucket_edge", "a loss_by_sigma bucket edge moved (0.75 -> 1.75)", "asymflow_jax/objective.py",
+        "SIGMA_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)", "SIGMA_BUCKETS = (0.0, 0.25, 0.5, 1.75, 1.0)", (BUCKETS,)),
+    Bug("mut_bucket_clip", "sigma = 1 indexes past the last loss_by_sigma bucket (upper clip - 2 -> - 1)",
+        "asymflow_jax/objective.py", "0, len(SIGMA_BUCKETS) - 2)", "0, len(SIGMA_BUCKETS) - 1)", (BUCKETS,)),
+    Bug("mut_lora_dropout_key", "LoRA dropout key fold_in(k_drop, 1) -> fold_in(k_drop, 2)", "asymflow_jax/objective.py",
+        "rngs[finetune.LORA_DROPOUT] = jax.random.fold_in(k_drop, 1)",
+        "rngs[finetune.LORA_DROPOUT] = jax.random.fold_in(k_drop, 2)", (VR + "[dropout]",)),
+    Bug("mut_vr_student_eval", "the VR student run with train=False (no dropout)", "asymflow_jax/objective.py",
+        "train=True, rngs=rngs, lora=lora)", "train=False, rngs=rngs, lora=lora)", (VR + "[dropout]",)),
+    Bug("mut_lpips_scale", "LPIPS on n of b samples scaled by / (b / n) instead of * (b / n)", "asymflow_jax/objective.py",
+        "per_lpips * (b / n))", "per_lpips / (b / n))", (VR + "[lpips]",)),
+    Bug("mut_t2i_grid", "text-to-image batch spec: token grid input_size / patch_size (a float)",
+        "asymflow_jax/objective.py", "g = m.input_size // m.patch_size", "g = m.input_size / m.patch_size", (T2I,)),
+    Bug("mut_batch_sharding_rank", "extra batch arrays sharded with rank 0 + len(shape)", "asymflow_jax/objective.py",
+        "shd.batch_sharding(mesh, 1 + len(shape))", "shd.batch_sharding(mesh, 0 + len(shape))", (T2I,)),
+)
+
 
 def copy_repo(dest: pathlib.Path):
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,

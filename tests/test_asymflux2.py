@@ -2,6 +2,7 @@
 subspace at initialisation (spec section 8), checked against a float64 NumPy derivation."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -121,6 +122,23 @@ def tiny_asymflux2_config(data_path, base, steps):
   c.log_every, c.checkpoint.every, c.checkpoint.async_save = 1, 1, False
   c.sample.num_steps, c.sample.num_images = 2, 2
   return c
+
+
+def test_t2i_batch_spec_and_shardings(lifted, tmp_path):
+  """The text-to-image batch: integer shapes (H/p tokens a side) and every key split on its leading axis."""
+  from asymflow_jax import objective
+  from asymflow_jax import sharding as shd
+  from jax.sharding import PartitionSpec as PS
+  config = tiny_asymflux2_config(tmp_path, tmp_path, 1)
+  spec = objective.batch_spec(types.SimpleNamespace(config=config, model=lifted[1]))
+  assert spec == dict(image=((8, 8, 3), jnp.float32), latents=((4, 4, LATENT.in_channels), jnp.float32),
+                      prompt_embeds=((3, LATENT.joint_attention_dim), jnp.bfloat16), num_tokens=((), jnp.int32))
+  assert all(type(n) is int for shape, _ in spec.values() for n in shape)
+  mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+  specs = {k: s.spec for k, s in objective.batch_shardings(mesh, spec).items()}
+  axes = shd.BATCH_AXES
+  assert specs == dict(image=PS(axes, None, None, None), latents=PS(axes, None, None, None),
+                       prompt_embeds=PS(axes, None, None), num_tokens=PS(axes))
 
 
 def test_tiny_asymflux2_finetunes_from_records_checkpoints_and_resumes_exactly(lifted, tmp_path):

@@ -48,6 +48,19 @@ def _resume_after_a_kill(straight_workdir, workdir, config):
   return trainer.train(config, str(workdir), progress=False).state
 
 
+def test_loss_by_sigma_buckets_at_their_edges():
+  """The logged loss_by_sigma: buckets [0, .25), [.25, .5), [.5, .75), [.75, 1], edges included on
+  the left and sigma = 1 in the last bucket; an empty bucket logs 0 with count 0."""
+  sigma = jnp.asarray([0.0, 0.1, 0.25, 0.3, 0.5, 0.7499, 0.75, 0.9, 1.0])
+  values = jnp.arange(1.0, 10.0)
+  means, counts = objective._bucket_means(values, sigma)
+  np.testing.assert_array_equal(counts, [2, 2, 2, 3])
+  np.testing.assert_allclose(means, [(1 + 2) / 2, (3 + 4) / 2, (5 + 6) / 2, (7 + 8 + 9) / 3], rtol=1e-6)
+  means, counts = objective._bucket_means(jnp.asarray([4.0, 6.0]), jnp.asarray([0.2, 0.8]))
+  np.testing.assert_array_equal(counts, [1, 0, 0, 1])
+  np.testing.assert_allclose(means, [4.0, 0.0, 0.0, 6.0])
+
+
 def test_sigma_sampler_and_schedule():
   c = tiny_train_config()
   sigma = np.asarray(objective.sample_sigma(jax.random.key(0), 20000, c))
