@@ -18,7 +18,8 @@ chip's bf16 peak (the larger of the two counts), the MFU ceiling (model FLOPs / 
 remat's recomputation leaves; n/a where XLA counts fewer than the model's), and the lowering and
 compile seconds. Exit status 1 when the step does not fit the chip, with the biggest terms and what to
 change. XLA counts a scanned loop body once, so the FLOPs of layer-scanned models (FLUX.2,
-DINOv2 inside REPA) are lower bounds.
+DINOv2 inside REPA, JiT with ``model.scan_layers``) are lower bounds; the step-time bound then rests
+on the model count.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def _prepare(config):
     config.data.path = config.data.path or "unused-by-aot"
     if config.finetune.trainable or config.finetune.lora_rank:
       config.finetune.base = config.finetune.base or "unused-by-aot"
+    if config.repa.weight and config.repa.encoder.startswith("dinov2"):
+      config.repa.encoder_path = config.repa.encoder_path or "unused-by-aot"   # the encoder stays abstract
   return config
 
 

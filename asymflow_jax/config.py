@@ -22,7 +22,7 @@ from asymflow_jax import sharding as shd
 from asymflow_jax.data import pipeline as data_pipeline
 from asymflow_jax.data import sources
 from asymflow_jax.data import t2i
-from asymflow_jax.models import backbone, flux2, jit_model, repa
+from asymflow_jax.models import attention, backbone, flux2, jit_model, repa
 
 DTYPES = ("float32", "bfloat16")
 SUBSPACE_KINDS = ("pca", "random", "file")
@@ -30,7 +30,7 @@ EVAL_METRICS = ("fdd", "fid")
 OBJECTIVES = ("flow", "asymflow_vr")
 EMA_POLICIES = ("fixed", "karras")
 COLOR_SPACES = ("rgb", "oklab")
-ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+ATTENTION_IMPLS = attention.IMPLS
 T2I_METHODS = ("unipc",)      # the text-to-image sampler (asymflow_jax.t2i_sampling)
 IS_SPLITS = 10   # Inception Score splits: evaluation needs at least this many images
 
@@ -47,14 +47,15 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   m.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
   m.remat = False
   m.remat_policy = "nothing_saveable"
+  m.scan_layers = False         # jit: scan each run of identical blocks (faster compiles; same parameter tree)
   m.color_space = "rgb"         # pixel representation: rgb (identity on [-1, 1]) | oklab (normalised, spec s8)
   # backbone: jit (AsymJiT, the fields above) | asymflux2 (a lifted FLUX.2, text-to-image; spec s8). For
   # asymflux2 the transformer is model.flux2 (the *latent* FLUX.2 config, diffusers field names) and the
   # JiT-only fields (hidden_size, depth, bottleneck_dim, ...) are unused; input_size, patch_size,
   # in_channels, rank (= the latent token width), dtype, remat and color_space apply to both.
   m.family = "jit"
-  m.attention_impl = "einsum"   # asymflux2: einsum (explicit float32 softmax, exact parity) | dot_product_attention
-                                # (jax.nn.dot_product_attention: cuDNN flash attention on GPUs)
+  m.attention_impl = "einsum"   # einsum (explicit float32 softmax, exact parity) | dot_product_attention
+                                # (jax.nn.dot_product_attention: cuDNN flash attention on GPUs, bf16 operands)
   m.text_length = 512           # asymflux2: prompt tokens per example (the klein pipeline's max_sequence_length)
   m.flux2 = ml_collections.ConfigDict(_flux2_fields(flux2.flux2_klein_9b()))
   return m
@@ -372,8 +373,14 @@ def _family_errors(config, training: bool) -> list[str]:
     return [f"config.model.family={m.family!r}: expected one of {backbone.FAMILIES}."]
   text_data = config.data.source == "t2i"
   if m.family == "jit":
-    return [f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
-            f"{m.family!r}."] if text_data and training else []
+    errors = [f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
+              f"{m.family!r}."] if text_data and training else []
+    if m.attention_impl not in ATTENTION_IMPLS:
+      errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
+    elif m.attention_impl != "einsum" and m.attn_dropout > 0 and training:
+      errors.append(f"config.model.attn_dropout={m.attn_dropout}: dropout on the attention probabilities needs "
+                    f"config.model.attention_impl='einsum', got {m.attention_impl!r}.")
+    return errors
   errors = []
   try:
     latent = flux2.Flux2Config.from_dict(dict(m.flux2))
@@ -384,6 +391,9 @@ def _family_errors(config, training: bool) -> list[str]:
                   f"model.flux2.in_channels={latent.in_channels}.")
   if m.attention_impl not in ATTENTION_IMPLS:
     errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
+  if m.scan_layers:
+    errors.append("config.model.scan_layers=True: the layer scan is implemented for the 'jit' family only; "
+                  "set it to False for asymflux2.")
   if not (isinstance(m.text_length, int) and m.text_length >= 1):
     errors.append(f"config.model.text_length={m.text_length!r}: expected an integer >= 1.")
   if config.prob_class != 1.0:
@@ -497,7 +507,7 @@ def _repa_errors(config, training: bool, check_files: bool) -> list[str]:
 
 # Fields that do not change the shapes or structure of the checkpointed state.
 _NON_STRUCTURAL_MODEL = ("size", "dtype", "remat", "remat_policy", "attn_dropout", "proj_dropout", "color_space",
-                         "attention_impl")
+                         "attention_impl", "scan_layers")
 # Finetuning fields that decide which leaves the checkpoint holds.
 _STRUCTURAL_FINETUNE = ("base", "trainable", "lora_rank", "lora_targets")
 

@@ -433,7 +433,8 @@ def build(config, mesh, *, training: bool) -> Experiment:
   """
   config_lib.validate_config(config, mesh.size, jax.process_count(), training=training, check_files=False)
   model = model_from_config(config)
-  if backbone.is_text(model) and mesh.size > 1:   # keep activations batch-split inside the layer scans
+  scanned = backbone.is_text(model) or config.model.get("scan_layers", False)
+  if scanned and mesh.size > 1:   # keep activations batch-split inside the layer scans
     model = model.clone(batch_sharding=shd.batch_sharding(mesh, 3))
   abstract_params, specs = backbone.abstract_params_and_specs(model)
   if finetuning(config):

@@ -19,18 +19,18 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-IMAGENET_RECIPES = ("v4-32", "v5e-64", "v5p-64", "v6e-64")   # configs/common.py MESH_RECIPES (TPU ones)
-RUNS = [(f"configs/imagenet256_{m}.py:{r}", r) for m in ("b16", "l16", "h16") for r in IMAGENET_RECIPES]
-RUNS += [("configs/imagenet256_h16_repa.py:v5p-64", "v5p-64"),
-         ("configs/asymflux2_klein.py:v5p-128", "v5p-128"), ("configs/asymflux2_klein.py:v5p-64", "v5p-64")]
+IMAGENET_RECIPES = ("v4-32", "v5e-64", "v5p-32", "v5p-64", "v6e-64")   # configs/common.py MESH_RECIPES (TPU ones)
+RUNS = [(f"configs/imagenet256_{m}.py:{r}", r) for m in ("b16", "l16", "h16", "h16_repa") for r in IMAGENET_RECIPES]
+RUNS += [("configs/asymflux2_klein.py:v5p-128", "v5p-128"),
+         ("configs/asymflux2_klein.py", "v5p-64")]   # why klein has no v5p-64 recipe: the default mesh (FSDP) there
 
 
-def _name(config: str) -> str:
-  return config.replace("configs/", "").replace(".py:", "_").replace("/", "_")
+def _name(config: str, topology: str) -> str:
+  return config.replace("configs/", "").split(".py")[0].replace("/", "_") + "_" + topology
 
 
 def run(config: str, topology: str, out: str, python: str) -> dict:
-  path = os.path.join(out, _name(config) + ".json")
+  path = os.path.join(out, _name(config, topology) + ".json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -65,6 +65,7 @@ def table(results: list[dict]) -> str:
   lines = [head, "|---" * 16 + "|"]
   for r in results:
     cfg = r["config"].replace("configs/", "").replace(".py", "")
+    cfg += "" if ":" in r["config"] else f" (default mesh) on {r['topology']}"
     if "bytes_per_chip" not in r:
       lines.append(f"| `{cfg}` | | | | | | | | | | compile failed: {' '.join(r.get('error', []))} | | | | | |")
       continue
@@ -92,7 +93,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   results = []
   for config, topology in RUNS:
-    path = os.path.join(args.out, _name(config) + ".json")
+    path = os.path.join(args.out, _name(config, topology) + ".json")
     if args.table_only or args.only not in config:
       if os.path.exists(path):
         with open(path) as f:

@@ -140,12 +140,12 @@ def peak_flops(peak_tflops: float | None, *, cpu_matmul_n: int = 2048) -> tuple[
 # ------------------------------------------------------------------------------- the train step
 
 
-def build_train_step(config, seed: int = 0):
+def build_train_step(config, seed: int = 0, timings: dict | None = None):
   """The project's sharded train step for ``config`` on all local devices, with a random subspace
   of rank ``config.model.rank`` (the basis values do not change the cost) and a synthetic batch.
 
   Returns (compiled step, state, batch, model); ``compiled(state, batch) -> (state, metrics)``
-  donates ``state``.
+  donates ``state``. ``timings``, if given, receives ``lower_s`` and ``compile_s``.
   """
   mesh = shd.make_mesh(config.mesh)
   exp = experiment.build(config, mesh, training=True)
@@ -157,5 +157,10 @@ def build_train_step(config, seed: int = 0):
   batch = shd.global_batch(dict(
       image=rng.uniform(-1, 1, (b, m.input_size, m.input_size, m.in_channels)).astype(np.float32),
       label=rng.integers(0, m.num_classes, (b,)).astype(np.int32)), mesh)
-  compiled = objective.jit_train_step(exp).lower(state, batch).compile()
+  t0 = time.perf_counter()
+  lowered = objective.jit_train_step(exp).lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  if timings is not None:
+    timings.update(lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
   return compiled, state, batch, model

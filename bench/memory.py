@@ -1,9 +1,9 @@
 """Per-device memory of a config's sharded train step, from XLA's memory analysis of the compiled
 step on a fake CPU mesh of the recipe's size (no accelerator, nothing allocated: abstract inputs).
 
-    python bench/memory.py --config=configs/asymflux2_klein.py:v5p-64 --devices=64
+    python bench/memory.py --config=configs/asymflux2_klein.py:v5p-128 --devices=64
     python bench/memory.py --config=configs/asymflux2_klein.py:h100x32 --devices=32
-    python bench/memory.py --config=configs/imagenet256_h16.py:v5p-64 --devices=64 --lower_only
+    python bench/memory.py --config=configs/imagenet256_h16.py:v5p-64 --devices=32 --lower_only
 
 Prints one JSON line: argument / output / aliased (donated) / temporary bytes per device as XLA's
 CPU backend plans them, their sum minus the aliased bytes (the peak the step needs), parameter

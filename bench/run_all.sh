@@ -15,7 +15,9 @@ run bench/train_step.py --config=bench/reference_config.py --steps=20 --warmup=3
 run bench/train_step.py --config=configs/default.py --steps=10 --warmup=2
 run bench/asymflow_overhead.py --config=bench/reference_config.py --rank=8 --pairs=30
 run bench/reference_config.py
+run bench/layer_scan.py
 run bench/sampler.py --config=configs/default.py --num=32 --steps=50 --method=heun --guidance=2.0
+run bench/sampler.py --config=bench/reference_config.py --num=8 --steps=50 --guidance=2.3 --interval=0,0.88 --reps=2
 run bench/data_pipeline.py --source=mnist --batch_size=128 --batches=100
 run bench/data_pipeline.py --source=array_record --num_threads=0 --batch_size=32 --batches=10 --num_records=384
 run bench/data_pipeline.py --source=array_record --num_threads=2 --batch_size=32 --batches=10 --num_records=384

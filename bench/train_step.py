@@ -7,7 +7,8 @@ FLOPs per step come from XLA's cost analysis of the compiled step (forward + bac
 EMA, i.e. everything the step executes) and, as a cross-check, analytically (3x the matmul and
 attention FLOPs of the forward). MFU = FLOPs per step / median step time / peak, with the peak from
 ``--peak_tflops``, the accelerator table in bench/common.py, or on CPU a float32 2048^3 matmul
-measured in the same run (so on CPU "MFU" is a fraction of the measured matmul peak).
+measured in the same run (so on CPU "MFU" is a fraction of the measured matmul peak). XLA counts a
+scanned loop body once: with ``model.scan_layers=True`` read ``mfu_analytic``.
 """
 
 import argparse

@@ -38,8 +38,9 @@ LORA_TARGETS = ("ff/linear_in", "ff/linear_out", "ff_context/linear_in", "ff_con
 # (data, fsdp, tensor) per slice; the batch 256 is split over data x fsdp.
 MESH_RECIPES = {
     # v5p slice names count TensorCores, two per chip, and JAX sees one (megacore) device per chip
-    "v5p-128": (1, 64, 1),    # 64 chips, 95 GiB HBM each: 4 images per chip
-    "v5p-64": (1, 32, 1),     # 32 chips: 8 images per chip
+    "v5p-128": (1, 64, 1),    # 64 chips, 95 GiB HBM each: 4 images per chip (53.5 GiB peak, AOT-compiled)
+    # no v5p-64 (32 chips, 8 images per chip): 105.5 GiB per chip with the einsum attention, AOT-compiled
+    # (launch/README.md); it needs a fused TPU attention kernel or --config.batch_size=128
     "h100x32": (4, 8, 1),     # 4 nodes x 8 H100 (80 GB): FSDP inside a node, data across nodes; cuDNN flash attention
     "cpu-8": (1, 8, 1),       # the fake 8-device CPU mesh of the lowering test
 }

@@ -37,11 +37,13 @@ def imagenet256_config(size: str, arg: str | None = None, **model_overrides) -> 
 
 
 # Mesh recipes (data, fsdp, tensor) for the paper's batch 1024, and the model sizes that fit without
-# remat on that slice (derivation: launch/README.md, "Memory per device"). Select one with
+# remat on that slice (TPU: the ahead-of-time compiled table of launch/README.md; GPU: its "Memory
+# per device" estimate). Select one with
 # --config=configs/imagenet256_h16.py:v5p-64 (combine with runlocal as "runlocal,v5p-64").
 MESH_RECIPES = {
     "v4-32": ((1, -1, 1), ("B/16",)),
-    "v5e-64": ((1, -1, 1), ("B/16",)),
+    "v5e-64": ((1, -1, 1), ("B/16", "L/16", "H/16")),
+    "v5p-32": ((1, -1, 1), ("B/16", "L/16", "H/16")),   # 16 chips, 64 per chip: H/16 53.1 of 95 GiB compiled
     "v5p-64": ((1, -1, 1), ("B/16", "L/16", "H/16")),
     "v6e-64": ((1, -1, 1), ("B/16", "L/16", "H/16")),
     "h100": ((-1, 8, 1), ("B/16",)),   # n nodes x 8 GPUs: fsdp inside a node, nodes on data

@@ -141,6 +141,15 @@ def test_t2i_batch_spec_and_shardings(lifted, tmp_path):
                        prompt_embeds=PS(axes, None, None), num_tokens=PS(axes))
 
 
+def test_layer_scan_option_is_refused_for_asymflux2(tmp_path):
+  # the FLUX.2 blocks are always scanned (stacked parameters); model.scan_layers is the JiT option
+  from asymflow_jax import config as config_lib
+  config = tiny_asymflux2_config(tmp_path, tmp_path, 1)
+  config.model.scan_layers = True
+  with pytest.raises(ValueError, match=r"scan_layers=True: the layer scan is implemented for the 'jit' family only"):
+    config_lib.validate_config(config, num_devices=1)
+
+
 def test_tiny_asymflux2_finetunes_from_records_checkpoints_and_resumes_exactly(lifted, tmp_path):
   """The whole recipe at toy size: a lifted tiny FLUX.2 saved as a base workdir, AsymFlowVR + LoRA
   (inside the scanned blocks) on synthetic t2i records; 2 straight steps == 1 step + resume (bitwise);

@@ -22,7 +22,8 @@ CASES = {
     "asymflow_overhead": (["bench/asymflow_overhead.py", "--config=configs/default.py", "--rank=4", "--pairs=2",
                            "--warmup=1", *TINY_MODEL], ["ratio_median", "ratio_of_medians"]),
     "sampler": (["bench/sampler.py", "--config=configs/default.py", "--num=2", "--steps=2", "--reps=1",
-                 *TINY_MODEL], ["img_per_s", "forward_img_per_s", "flops_analytic"]),
+                 "--interval=0,0.88", *TINY_MODEL], ["img_per_s", "forward_img_per_s", "flops_analytic",
+                                                     "interval_speedup"]),
     "data_pipeline": (["bench/data_pipeline.py", "--batch_size=8", "--batches=2"], ["img_per_s", "img_per_s_per_core"]),
     "data_pipeline_ar": (["bench/data_pipeline.py", "--source=array_record", "--num_records=8", "--batch_size=4",
                           "--batches=1", "--num_threads=1"], ["img_per_s", "img_per_s_per_core", "record_kb"]),
@@ -30,6 +31,9 @@ CASES = {
                       "--batches=2", "--reps=1"], ["img_per_s", "tokens_per_s", "gflops_per_s"]),
     "memory": (["bench/memory.py", "--config=configs/default.py", "--devices=2", "--set", "mesh.fsdp=2",
                 *TINY_MODEL], ["params_trained", "per_device_batch", "lower_s", "compile_s"]),
+    "layer_scan": (["bench/layer_scan.py", "--reps=1", "--rounds=1", "--warmup=1", "--set", "model.hidden_size=32",
+                    "--set", "model.num_heads=2", "--set", "model.in_context_len=2", "--set", "batch_size=2"],
+                   ["compile_ratio", "step_time_ratio"]),   # the reference config's depth 6: blocks 1-3 and 4-5 scanned
     "reference_config": (["bench/reference_config.py", "--reps=1", "--warmup=1", "--train_batch=2",
                           "--forward_batch=2", *TINY_MODEL[:-2]], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
 }

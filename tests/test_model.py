@@ -203,6 +203,31 @@ def test_bf16_compute_close_to_fp32():
   assert 1e-4 < _rel(u_a_b, d["out/u_a_packed_eval_s1"]) <= BF16_RTOL
 
 
+def test_dot_product_attention_matches_the_einsum_path(monkeypatch):
+  # jax.nn.dot_product_attention (cuDNN flash attention on GPUs) against the reference fixture, float32 and bf16
+  calls = []
+  fused_op = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(a[0].shape) or fused_op(*a, **k))
+  d = fixture()
+  model, params, _, _ = tiny()
+  x, sigma, labels = inputs()
+  ref = d["out/u_a_packed_eval_s1"]
+  fused = JiT(model.config, attention_impl="dot_product_attention")
+  assert _rel(jax.jit(lambda p: fused.apply({"params": p}, x, sigma, labels))(params), ref) <= PARITY_RTOL
+  fused16 = JiT(model.config, dtype=jnp.bfloat16, attention_impl="dot_product_attention")
+  u16 = jax.jit(lambda p: fused16.apply({"params": p}, x, sigma, labels))(params)
+  assert u16.dtype == jnp.bfloat16 and 1e-4 < _rel(u16, ref) <= BF16_RTOL
+  # every block went through it, in both traces: block 0 on the 64 image tokens, blocks 1-3 with the 4 in-context ones
+  assert calls == 2 * ([(6, 64, 4, 16)] + 3 * [(6, 68, 4, 16)])
+  # dropout on the attention probabilities exists only in the einsum path
+  drop = JiT(jit_config("tiny", attn_dropout=0.1), attention_impl="dot_product_attention")
+  with pytest.raises(ValueError, match=r"attn_dropout=0.1: dropout on the attention probabilities needs "
+                                       r"attention_impl='einsum'"):
+    drop.apply({"params": params}, x, sigma, labels, train=True, rngs={"dropout": jax.random.key(0)})
+  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention'\)"):
+    JiT(model.config, attention_impl="flash").apply({"params": params}, x, sigma, labels)
+
+
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
 def test_remat_matches_plain(policy):
   # Two blocks of the fixture network (in-context tokens from block 1) keep the compile cheap.
@@ -222,6 +247,85 @@ def test_remat_matches_plain(policy):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(a)) + 1e-30))
   with pytest.raises(ValueError, match="remat_policy"):
     JiT(model.config, remat=True, remat_policy="bogus").apply({"params": params}, x, sigma, labels)
+
+
+def test_block_segments_are_the_runs_of_identical_blocks():
+  # by hand from the rules: cut at depth//4 and 3*(depth//4) (the dropout band), at the in-context
+  # insertion and after the REPA block
+  h16 = jit_config("H/16")                      # depth 32: band 8..24, in-context from block 10
+  assert h16.block_segments() == [(0, 8), (8, 10), (10, 24), (24, 32)]
+  assert h16.block_segments(7) == h16.block_segments()          # the paper's REPA block ends a run already
+  assert h16.block_segments(12) == [(0, 8), (8, 10), (10, 13), (13, 24), (24, 32)]
+  assert jit_config("B/16").block_segments() == [(0, 3), (3, 4), (4, 9), (9, 12)]
+  assert jit_config("tiny", in_context_len=0).block_segments() == [(0, 1), (1, 3), (3, 4)]
+  assert jit_config("tiny", depth=2).block_segments() == [(0, 1), (1, 2)]   # depth//4 = 0: no band
+
+
+def _perturbed(params, std=0.05):
+  """Init parameters plus noise: the zero-initialised adaLN gates and output layer would hide the blocks."""
+  leaves, tree = jax.tree_util.tree_flatten(nn.meta.unbox(params))
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [a + std * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_layer_scan_matches_unrolled(remat):
+  cfg = jit_config("tiny", depth=6)             # runs (0, 1) (1, 3) (3, 6); with features after 3: (3, 4) (4, 6)
+  x, sigma, labels = inputs()
+  plain, scanned = JiT(cfg), JiT(cfg, scan_layers=True, remat=remat)
+  params = _perturbed(plain.init(jax.random.key(0), x, sigma, labels)["params"])
+  assert set(scanned.init(jax.random.key(0), x, sigma, labels)["params"]) == set(params)   # same tree
+
+  def fwd(m):
+    return lambda p: m.apply({"params": p}, x, sigma, labels, features_after=3)
+
+  (u0, f0), (u1, f1) = jax.jit(fwd(plain))(params), jax.jit(fwd(scanned))(params)
+  assert _rel(u1, u0) <= 1e-5 and _rel(f1, f0) <= 1e-5 and float(jnp.max(jnp.abs(u0))) > 1e-2
+  # the scanned program really loops: one while per run of >= 2 blocks, none unrolled
+  assert jax.jit(fwd(scanned)).lower(params).as_text().count("stablehlo.while") == 2
+  assert "stablehlo.while" not in jax.jit(fwd(plain)).lower(params).as_text()
+
+  def loss(m):
+    return lambda p: jnp.mean(jnp.square(m.apply({"params": p}, x, sigma, labels)))
+
+  g0, g1 = jax.jit(jax.grad(loss(plain)))(params), jax.jit(jax.grad(loss(scanned)))(params)
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a)) + 1e-30),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_layer_scan_dropout_and_lora():
+  from asymflow_jax.models import finetune
+  cfg = jit_config("tiny", depth=6, proj_dropout=0.5)   # the scanned dropout band: blocks 1..2
+  x, sigma, labels = inputs()
+  plain, scanned = JiT(cfg), JiT(cfg, scan_layers=True)
+  params = _perturbed(plain.init(jax.random.key(0), x, sigma, labels)["params"])
+
+  @jax.jit
+  def train(p, key):
+    return scanned.apply({"params": p}, x, sigma, labels, train=True, rngs={"dropout": key})
+
+  ev = jax.jit(lambda p: scanned.apply({"params": p}, x, sigma, labels))(params)
+  a, b, c = train(params, jax.random.key(1)), train(params, jax.random.key(1)), train(params, jax.random.key(2))
+  assert _rel(a, ev) > 1e-2 and _rel(c, a) > 1e-2        # dropout acts in the scanned band, drawn from the key
+  np.testing.assert_array_equal(a, b)
+
+  # LoRA adapters on every block's qkv (the interceptor sees the scanned blocks' stacked "lora" collection)
+  lora = finetune.init_lora(jax.random.key(3), params, [r"blocks_\d+/attn/qkv$"], rank=2)
+  lora = jax.tree.map(lambda t: t + 0.1, lora)           # B = 0 at init would make the adapters invisible
+
+  def adapted(m, lo, lora_dropout=0.0, key=jax.random.key(4)):
+    with finetune.lora_interceptor(scale=2.0, dropout=lora_dropout):
+      return jax.jit(lambda p: m.apply({"params": p, "lora": lo}, x, sigma, labels,
+                                       rngs={finetune.LORA_DROPOUT: key}))(params)
+
+  with_lora = adapted(scanned, lora)
+  assert _rel(with_lora, adapted(plain, lora)) <= 1e-5 and _rel(with_lora, ev) > 1e-2
+  assert _rel(adapted(scanned, lora, 0.5), with_lora) > 1e-2   # the LoRA dropout stream reaches the scan
+  some = {k: v for k, v in lora.items() if k != "blocks_4"}
+  with pytest.raises(ValueError, match=r"'lora' has variables in only some of blocks 3..5"):
+    adapted(scanned, some)
 
 
 def test_dropout_only_in_middle_blocks():
@@ -285,6 +389,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     fwd = lambda p, x, s, y: asymjit_apply(model, p, x, s, y, jnp.asarray(basis), sigma_min=af.EVAL_SIGMA_MIN)
     out = jax.jit(fwd, in_shardings=(shardings, rep, rep, rep), out_shardings=rep)(sharded, x, sigma, labels)
     plain = jax.jit(fwd)(jax.tree.map(jnp.asarray, params), x, sigma, labels)
+    scanned = JiT(cfg, scan_layers=True)   # blocks 1..2 scanned over their stacked, FSDP-sharded params
+    fwd_scan = lambda p, x, s, y: asymjit_apply(scanned, p, x, s, y, jnp.asarray(basis), sigma_min=af.EVAL_SIGMA_MIN)
+    out_scan = jax.jit(fwd_scan, in_shardings=(shardings, rep, rep, rep), out_shardings=rep)(sharded, x, sigma, labels)
     qkv = sharded["blocks_0"]["attn"]["qkv"]["kernel"]
     ref = d["out/eval_s1"].transpose(0, 2, 3, 1)
     print(json.dumps({
@@ -293,6 +400,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         "qkv_spec": [str(a) for a in qkv.sharding.spec],
         "rel_vs_plain": float(np.max(np.abs(np.asarray(out) - np.asarray(plain))) / np.max(np.abs(plain))),
         "rel_vs_ref": float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref))),
+        "rel_scan_vs_ref": float(np.max(np.abs(np.asarray(out_scan) - ref)) / np.max(np.abs(ref))),
     }))
 """)
 
@@ -305,7 +413,7 @@ def test_fsdp_sharded_forward_on_8_fake_devices():
   assert res["devices"] == 8
   assert res["qkv_spec"][0] == "fsdp" and res["qkv_shard_shape"] == [8, 192]   # 64 / 8 rows per device
   assert res["rel_vs_plain"] <= 1e-5
-  assert res["rel_vs_ref"] <= PARITY_RTOL
+  assert res["rel_vs_ref"] <= PARITY_RTOL and res["rel_scan_vs_ref"] <= PARITY_RTOL
 
 
 # ------------------------------------------------------------------------------------ large sizes

@@ -139,6 +139,16 @@ def test_bad_configs_fail_fast_with_clear_messages():
   c.data.image_size = 28
   with pytest.raises(ValueError, match=r"does not match the data 28x28x1"):
     config_lib.validate_config(c, num_devices=1)
+  c = tiny_train_config()
+  c.model.attention_impl = "flash"
+  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention'\)"):
+    config_lib.validate_config(c, num_devices=1)
+  c.model.attention_impl, c.model.attn_dropout = "dot_product_attention", 0.1
+  with pytest.raises(ValueError, match=r"attn_dropout=0.1: dropout on the attention probabilities needs "
+                                       r"config.model.attention_impl='einsum'"):
+    config_lib.validate_config(c, num_devices=1)
+  c.model.attn_dropout = 0.0
+  config_lib.validate_config(c, num_devices=1)   # the fused path without attention dropout is valid
 
 
 def test_resume_is_exact(tiny_run, tmp_path):
@@ -261,12 +271,16 @@ def test_mesh_recipes_and_config_args():
   h = imagenet256_h16.get_config("h100")
   assert (h.mesh.data, h.mesh.fsdp, h.model.remat) == (-1, 8, True)
   assert imagenet256_b16.get_config("h100").model.remat is False
+  # remat as the AOT table of launch/README.md decided: off wherever the compiled step fits without it
+  assert imagenet256_h16.get_config("v5e-64").model.remat is False      # 13.41 of 16 GiB compiled
+  assert imagenet256_h16.get_config("v4-32").model.remat is True        # 64 images per 32 GiB chip
+  assert imagenet256_b16.get_config("v4-32").model.remat is False       # 13.21 of 32 GiB compiled
   small = default.get_config("runlocal")
   assert small.num_steps == 4 and small.batch_size == 8
   with pytest.raises(ValueError, match=r"unknown config argument 'v9-9'"):
     default.get_config("v9-9")
   # the paper's batch divides every recipe's data x fsdp on its slice
-  for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
+  for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (16, "v5p-32"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
     c = imagenet256_h16.get_config(recipe)
     config_lib.validate_config(c, num_devices=devices)
 

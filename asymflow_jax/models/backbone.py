@@ -34,7 +34,8 @@ def from_config(m):
   if family != "jit":
     raise ValueError(f"config.model.family must be one of {FAMILIES}, got {family!r}.")
   cfg = jit_model.JiTConfig(**{f.name: m[f.name] for f in dataclasses.fields(jit_model.JiTConfig)})
-  return jit_model.JiT(cfg, dtype=DTYPES[m.dtype], remat=m.remat, remat_policy=m.remat_policy)
+  return jit_model.JiT(cfg, dtype=DTYPES[m.dtype], remat=m.remat, remat_policy=m.remat_policy,
+                       attention_impl=m.get("attention_impl", "einsum"), scan_layers=m.get("scan_layers", False))
 
 
 def is_text(model) -> bool:

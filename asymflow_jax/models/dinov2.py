@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from asymflow_jax.models.flux2 import attention
+from asymflow_jax.models.attention import attention
 
 Dtype = Any
 

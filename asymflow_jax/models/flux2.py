@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from asymflow_jax.models.attention import attention
+from asymflow_jax.models.layout import constrain_batch
+
 from asymflow_jax.models.jit_model import REMAT_POLICIES
 
 Dtype = Any
@@ -235,25 +238,6 @@ class HeadRMSNorm(nn.Module):
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * gain.astype(jnp.float32)
 
 
-def attention(q, k, v, *, dtype, impl: str = "einsum"):
-  """softmax(q k^T / sqrt(hd)) v: q, k, v (B, S, heads, hd) -> (B, S, heads * hd) in ``dtype``.
-
-  "einsum": ``dtype`` operands, float32 logits/softmax/accumulation. "dot_product_attention":
-  ``jax.nn.dot_product_attention`` (XLA or cuDNN flash attention, chosen by JAX).
-  """
-  b, s, h, d = q.shape
-  q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-  if impl == "einsum":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v, preferred_element_type=jnp.float32)
-  elif impl == "dot_product_attention":
-    out = jax.nn.dot_product_attention(q, k, v, scale=d ** -0.5)
-  else:
-    raise ValueError(f"unknown attention impl {impl!r}; choose 'einsum' or 'dot_product_attention'.")
-  return out.astype(dtype).reshape(b, s, h * d)
-
-
 # --------------------------------------------------------------------------------------- modules
 
 
@@ -432,16 +416,6 @@ class SingleStreamBlock(nn.Module):
     x = constrain_batch(_residual(x, gate, y, self.dtype), self.batch_sharding)
     self.sow("intermediates", "hidden_states", x, reduce_fn=lambda _, new: new)
     return x, None
-
-
-def constrain_batch(x, sharding):
-  """``x`` (B, ...) constrained to ``sharding``'s batch split (its first spec entry), other axes
-  replicated; a no-op when ``sharding`` is None. Keeps XLA from replicating activations when the
-  FSDP-sharded weights pull it the other way (seen inside the layer scans)."""
-  if sharding is None:
-    return x
-  spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(sharding.mesh, spec))
 
 
 def _scanned(block_cls, length: int, n_broadcast: int, remat: bool, remat_policy: str):

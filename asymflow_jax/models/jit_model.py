@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from asymflow_jax.asymflow import patchify
+from asymflow_jax.models.attention import IMPLS as ATTENTION_IMPLS, attention
+from asymflow_jax.models.finetune import LORA_DROPOUT
+from asymflow_jax.models.layout import constrain_batch
 
 Dtype = Any
 
@@ -103,6 +106,19 @@ class JiTConfig:
     """Dropout (attn/proj/SwiGLU) only in blocks depth//4 <= i < 3*(depth//4)."""
     q = self.depth // 4
     return q <= i < 3 * q
+
+  def block_segments(self, features_after: int | None = None) -> list[tuple[int, int]]:
+    """Runs [start, stop) of identical blocks (same dropout, same token count), in order: split at
+    the dropout band (depth//4, 3*(depth//4)), the in-context insertion and after ``features_after``.
+    The units that ``JiT(scan_layers=True)`` scans."""
+    q = self.depth // 4
+    cuts = {0, self.depth, q, 3 * q}
+    if self.uses_in_context:
+      cuts.add(self.in_context_start)
+    if features_after is not None:
+      cuts.add(features_after + 1)
+    edges = sorted(e for e in cuts if 0 <= e <= self.depth)
+    return list(zip(edges[:-1], edges[1:]))
 
 
 _PRESETS = {
@@ -286,15 +302,18 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
   """qkv (bias) -> per-head RMSNorm on q, k -> RoPE -> softmax(q k^T / sqrt(hd)) v -> proj.
 
-  Logits and softmax are float32 whatever ``dtype`` is. With ``upcast_attention`` (default, as the
-  reference's ImageNet recipe) q, k, v and the probabilities are float32 operands too; otherwise
-  they are ``dtype`` operands with float32 accumulation.
+  ``attention_impl="einsum"`` (default, the reference's maths): logits and softmax are float32
+  whatever ``dtype`` is; with ``upcast_attention`` (default, as the reference's ImageNet recipe) q, k,
+  v and the probabilities are float32 operands too, otherwise ``dtype`` operands with float32
+  accumulation. ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` on ``dtype`` operands
+  (cuDNN flash attention on GPUs in bf16); it has no dropout on the probabilities.
   """
 
   config: JiTConfig
   dropout_rate: float = 0.0
   attn_dropout_rate: float = 0.0
   upcast_attention: bool = True
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -309,15 +328,21 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = RMSNorm(dtype=jnp.float32, param_dtype=self.param_dtype, axis_name="head_dim", name="q_norm")(q)
     k = RMSNorm(dtype=jnp.float32, param_dtype=self.param_dtype, axis_name="head_dim", name="k_norm")(k)
-    op_dtype = jnp.float32 if self.upcast_attention else self.dtype
-    q = apply_rope(q, cos, sin).astype(op_dtype)
-    k = apply_rope(k, cos, sin).astype(op_dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(op_dtype), v.astype(op_dtype),
-                     preferred_element_type=jnp.float32)
-    out = out.astype(self.dtype).reshape(b, length, heads * hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if self.attention_impl == "einsum":
+      op_dtype = jnp.float32 if self.upcast_attention else self.dtype
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(op_dtype), k.astype(op_dtype),
+                          preferred_element_type=jnp.float32) * (hd ** -0.5)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      probs = nn.Dropout(self.attn_dropout_rate)(probs, deterministic=deterministic)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(op_dtype), v.astype(op_dtype),
+                       preferred_element_type=jnp.float32)
+      out = out.astype(self.dtype).reshape(b, length, heads * hd)
+    else:
+      if self.attn_dropout_rate > 0 and not deterministic:
+        raise ValueError(f"attn_dropout={self.attn_dropout_rate}: dropout on the attention probabilities needs "
+                         f"attention_impl='einsum', got {self.attention_impl!r}.")
+      out = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl)
     out = _dense(cfg.hidden_size, ("heads", "embed"), name="proj", **kw)(out)
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
@@ -350,6 +375,7 @@ class JiTBlock(nn.Module):
   config: JiTConfig
   dropout: bool = False
   upcast_attention: bool = True
+  attention_impl: str = "einsum"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -363,8 +389,8 @@ class JiTBlock(nn.Module):
         nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = _modulate(RMSNorm(name="norm1", **kw)(x), shift_msa, scale_msa)
-    h = Attention(cfg, dropout_rate=proj_rate, attn_dropout_rate=attn_rate,
-                  upcast_attention=self.upcast_attention, name="attn", **kw)(
+    h = Attention(cfg, dropout_rate=proj_rate, attn_dropout_rate=attn_rate, upcast_attention=self.upcast_attention,
+                  attention_impl=self.attention_impl, name="attn", **kw)(
         h, cos, sin, deterministic)
     x = x + gate_msa[:, None, :] * h
     h = _modulate(RMSNorm(name="norm2", **kw)(x), shift_mlp, scale_mlp)
@@ -405,14 +431,29 @@ class JiT(nn.Module):
     dtype: compute dtype (float32 or bfloat16); params stay ``param_dtype``.
     remat: wrap every block in ``nn.remat`` with ``jax.checkpoint_policies.<remat_policy>``.
     upcast_attention: float32 q/k/v operands in attention (logits/softmax are float32 regardless).
+    attention_impl: "einsum" (exact parity) or "dot_product_attention" (see :class:`Attention`).
+    scan_layers: run each run of identical blocks (:meth:`JiTConfig.block_segments`) as one
+      ``jax.lax.scan`` over its blocks' stacked variables (with ``remat``: the checkpointed block is
+      the scan body), so the compiler sees each distinct block once. The parameter tree is the
+      unrolled one (``blocks_<i>``; checkpoints, converters and LoRA targets are unchanged, and the
+      option can change on resume): each step stacks the blocks' parameters (one copy, sharded as
+      they are). Same values as unrolled, except that dropout draws its masks from per-block splits
+      of the step's key rather than from Flax's per-module streams.
+    batch_sharding: a NamedSharding whose first spec entry splits the batch (``experiment.build`` sets
+      it for scanned models on a multi-device mesh): the scanned blocks' activations are constrained to
+      it at every block boundary (without it XLA:TPU replicates them inside the loop: ~1 TiB of
+      temporaries per chip for H/16 on v5p-64).
   """
 
   config: JiTConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   upcast_attention: bool = True
+  attention_impl: str = "einsum"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
+  batch_sharding: Any = None
 
   @nn.compact
   def __call__(self, x, t, labels, *, train: bool = False, features_after: int | None = None):
@@ -423,6 +464,8 @@ class JiT(nn.Module):
                        f"got {tuple(x.shape)}.")
     if features_after is not None and not 0 <= features_after < cfg.depth:
       raise ValueError(f"features_after={features_after}: JiT has blocks 0..{cfg.depth - 1}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     deterministic = not train
 
@@ -446,21 +489,57 @@ class JiT(nn.Module):
       # static_argnums counts self as 0: (self, x, c, cos, sin, deterministic).
       block_cls = nn.remat(JiTBlock, policy=getattr(jax.checkpoint_policies, self.remat_policy),
                            static_argnums=(5,))
+    # Initialisation always runs unrolled: it creates the per-block variables that a scan stacks.
+    scan = self.scan_layers and not self.is_initializing()
 
     cos, sin = cos_img, sin_img
-    for i in range(cfg.depth):
-      if cfg.uses_in_context and i == cfg.in_context_start:
+    for start, stop in cfg.block_segments(features_after):
+      if cfg.uses_in_context and start == cfg.in_context_start:
         ctx = y_emb[:, None, :] + posemb.astype(self.dtype)
         x = jnp.concatenate([ctx.astype(x.dtype), x], axis=1)
         cos, sin = cos_ctx, sin_ctx
-      x = block_cls(cfg, dropout=cfg.dropout_active(i), upcast_attention=self.upcast_attention,
-                    name=f"blocks_{i}", **kw)(x, c, cos, sin, deterministic)
-      if i == features_after:
+      if scan and stop - start > 1:
+        x = self._scan_blocks(x, c, cos, sin, start, stop, deterministic)
+      else:
+        for i in range(start, stop):
+          x = block_cls(cfg, dropout=cfg.dropout_active(i), name=f"blocks_{i}", **self._block_kw())(
+              x, c, cos, sin, deterministic)
+      if stop - 1 == features_after:
         features = x[:, x.shape[1] - cfg.num_patches:]
     if cfg.uses_in_context:
       x = x[:, cfg.in_context_len:]
     out = FinalLayer(cfg, name="final_layer", **kw)(x, c)
     return out if features_after is None else (out, features)
+
+  def _block_kw(self) -> dict:
+    return dict(upcast_attention=self.upcast_attention, attention_impl=self.attention_impl, dtype=self.dtype,
+                param_dtype=self.param_dtype)
+
+  def _scan_blocks(self, x, c, cos, sin, start: int, stop: int, deterministic: bool):
+    """Blocks start..stop-1 (identical but for their variables) as one lax.scan over their stacked
+    variables (every collection: params, and LoRA adapters where present) and per-block rng keys."""
+    names = [f"blocks_{i}" for i in range(start, stop)]
+    stacked = {}
+    for col, tree in self.variables.items():
+      present = [n in tree for n in names]
+      if any(present) and not all(present):
+        raise ValueError(f"scan_layers: collection {col!r} has variables in only some of blocks {start}..{stop - 1}; "
+                         "scanned blocks need the same variables (adapt all of them, or set scan_layers=False).")
+      if all(present):
+        stacked[col] = jax.tree.map(lambda *a: jnp.stack(a), *[nn.meta.unbox(tree[n]) for n in names])
+    keys = {s: jax.random.split(self.make_rng(s), stop - start)
+            for s in ("dropout", LORA_DROPOUT) if self.has_rng(s)}
+    block = JiTBlock(self.config, dropout=self.config.dropout_active(start), parent=None, **self._block_kw())
+
+    def body(h, per_block):
+      variables, rngs = per_block
+      h = block.apply(variables, constrain_batch(h, self.batch_sharding), c, cos, sin, deterministic, rngs=rngs)
+      return constrain_batch(h, self.batch_sharding), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, self.remat_policy), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, keys))
+    return x
 
 
 # --------------------------------------------------------------------------------------- helpers
