@@ -157,24 +157,30 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
   key, new_rng = jax.random.split(state.rng)
   key = jax.random.fold_in(key, state.step)
   grad_fn = jax.value_and_grad(LOSSES[config.objective], has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, batch, key, state.basis, state.scale, model=model, config=config,
-                               frozen=state.frozen)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  kind = (jnp.where(jnp.isfinite(loss), 0, experiment.NONFINITE_LOSS)
-          | jnp.where(jnp.isfinite(grad_norm), 0, experiment.NONFINITE_GRAD)
-          | jnp.where(jnp.isfinite(optax.tree.norm(updates)), 0, experiment.NONFINITE_UPDATE)).astype(jnp.int32)
+  # named scopes: the phases of the step in profiles (bench/profile_step.py, XProf)
+  with jax.named_scope("loss_and_grad"):
+    (loss, aux), grads = grad_fn(state.params, batch, key, state.basis, state.scale, model=model, config=config,
+                                 frozen=state.frozen)
+  with jax.named_scope("optimizer"):
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("nonfinite_check"):
+    kind = (jnp.where(jnp.isfinite(loss), 0, experiment.NONFINITE_LOSS)
+            | jnp.where(jnp.isfinite(grad_norm), 0, experiment.NONFINITE_GRAD)
+            | jnp.where(jnp.isfinite(optax.tree.norm(updates)), 0, experiment.NONFINITE_UPDATE)).astype(jnp.int32)
   finite = kind == 0
-  params = optax.apply_updates(state.params, updates)
-  ema = tuple(jax.tree.map(lambda e, p, d=d: p + (e - p) * d, e_tree, params)
-              for d, e_tree in zip(experiment.ema_momenta(config, state.step), state.ema))
+  with jax.named_scope("ema"):
+    ema = tuple(jax.tree.map(lambda e, p, d=d: p + (e - p) * d, e_tree, params)
+                for d, e_tree in zip(experiment.ema_momenta(config, state.step), state.ema))
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   first = (state.nonfinite_step < 0) & ~finite
-  new_state = state.replace(
-      step=state.step + 1, params=keep_old(params, state.params), opt_state=keep_old(opt_state, state.opt_state),
-      ema=keep_old(ema, state.ema), rng=new_rng,
-      nonfinite_step=jnp.where(first, state.step + 1, state.nonfinite_step),
-      nonfinite_kind=jnp.where(first, kind, state.nonfinite_kind))
+  with jax.named_scope("skip_nonfinite"):
+    new_state = state.replace(
+        step=state.step + 1, params=keep_old(params, state.params), opt_state=keep_old(opt_state, state.opt_state),
+        ema=keep_old(ema, state.ema), rng=new_rng,
+        nonfinite_step=jnp.where(first, state.step + 1, state.nonfinite_step),
+        nonfinite_kind=jnp.where(first, kind, state.nonfinite_kind))
   bucket_loss, bucket_count = _bucket_means(aux["per_sample"], aux["sigma"])
   metrics = dict(loss=loss, grad_norm=grad_norm, lr=experiment.lr_schedule(config)(state.step),
                  loss_by_sigma=bucket_loss, count_by_sigma=bucket_count,

@@ -34,6 +34,8 @@ CASES = {
     "layer_scan": (["bench/layer_scan.py", "--reps=1", "--rounds=1", "--warmup=1", "--set", "model.hidden_size=32",
                     "--set", "model.num_heads=2", "--set", "model.in_context_len=2", "--set", "batch_size=2"],
                    ["compile_ratio", "step_time_ratio"]),   # the reference config's depth 6: blocks 1-3 and 4-5 scanned
+    "profile_step": (["bench/profile_step.py", "--steps=1", "--warmup=1", "--top=3", *TINY_MODEL],
+                     ["wall_step_ms", "instruction_ms_per_step", "instructions_seen"]),
     "reference_config": (["bench/reference_config.py", "--reps=1", "--warmup=1", "--train_batch=2",
                           "--forward_batch=2", *TINY_MODEL[:-2]], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
 }
@@ -99,6 +101,11 @@ def test_bench_script_prints_one_json_line(name, bench_runs):
     assert rec[key], key
   for key in keys:
     assert isinstance(rec[key], (int, float)) and rec[key] > 0, (key, rec[key])
+  if name == "profile_step":   # every phase of the step is found by its named scope, and the shares add up
+    ms = rec["phase_ms_per_step"]
+    assert all(ms[p] > 0 for p in ("forward", "backward", "optimizer", "nonfinite")), ms
+    assert abs(sum(rec["phase_share"].values()) - 1) < 1e-6 and len(rec["top"]) == 3
+    assert {t["phase"] for t in rec["top"]} <= set(ms) and all(t["ms_per_step"] > 0 for t in rec["top"])
   if name == "memory":   # 2 fake devices, FSDP over both: the batch of 4 splits in 2, the arguments are counted
     assert rec["num_devices"] == 2 and rec["per_device_batch"] == 2 and rec["mesh"]["fsdp"] == 2
     per = rec["bytes_per_device"]
