@@ -27,13 +27,12 @@ def main():
   runs = {}
   for rank in (0, args.rank):
     config = common.load_config(args.config, [*args.set, f"model.rank={rank}"])
-    compiled, state, batch, _ = common.build_train_step(config)
-    holder = [state]
+    stepper = common.Stepper(*common.build_train_step(config)[:3])
 
-    def step(compiled=compiled, batch=batch, holder=holder):
+    def step(stepper=stepper):
       for _ in range(args.inner):
-        holder[0], metrics = compiled(holder[0], batch)
-      return metrics["loss"]
+        loss = stepper()
+      return loss
     common.time_calls(step, warmup=args.warmup, reps=0)
     runs[rank] = step
 

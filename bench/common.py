@@ -140,6 +140,18 @@ def peak_flops(peak_tflops: float | None, *, cpu_matmul_n: int = 2048) -> tuple[
 # ------------------------------------------------------------------------------- the train step
 
 
+class Stepper:
+  """``stepper()`` runs one compiled train step on the stepper's own state (donated and replaced)
+  and returns the loss; ``stepper.state`` is the latest state."""
+
+  def __init__(self, compiled, state, batch):
+    self.compiled, self.state, self.batch = compiled, state, batch
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return metrics["loss"]
+
+
 def build_train_step(config, seed: int = 0, timings: dict | None = None):
   """The project's sharded train step for ``config`` on all local devices, with a random subspace
   of rank ``config.model.rank`` (the basis values do not change the cost) and a synthetic batch.

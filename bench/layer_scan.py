@@ -37,13 +37,10 @@ def main():
       timings = {}
       compiled, state, batch, _ = common.build_train_step(config, timings=timings)
       variants[scan] = dict(**timings, temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
-      steps[scan] = (compiled, [state], batch)
+      steps[scan] = common.Stepper(compiled, state, batch)
   times = {False: [], True: []}
   for _ in range(args.rounds if steps else 0):
-    for scan, (compiled, holder, batch) in steps.items():
-      def step(compiled=compiled, holder=holder, batch=batch):
-        holder[0], metrics = compiled(holder[0], batch)
-        return metrics["loss"]
+    for scan, step in steps.items():
       times[scan].extend(common.time_calls(step, warmup=args.warmup, reps=args.reps))
   for scan in steps:
     variants[scan]["step"] = common.stats(times[scan])

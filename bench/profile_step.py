@@ -58,12 +58,7 @@ def main():
 
   config = common.load_config(args.config, args.set)
   compiled, state, batch, _ = common.build_train_step(config)
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], batch)
-    return metrics["loss"]
-
+  step = common.Stepper(compiled, state, batch)
   wall = common.stats(common.time_calls(step, warmup=args.warmup, reps=args.steps))
   hlo = instructions(compiled.as_text())
   with tempfile.TemporaryDirectory() as tmp:

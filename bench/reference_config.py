@@ -59,12 +59,7 @@ def main():
   config = common.apply_overrides(get_config(), args.set)
   config.batch_size = args.train_batch
   compiled, state, batch, model = common.build_train_step(config)
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], batch)
-    return metrics["loss"]
-
+  step = common.Stepper(compiled, state, batch)
   train_times = common.stats(common.time_calls(step, warmup=args.warmup, reps=args.reps))
 
   b, m = args.forward_batch, config.model
@@ -73,7 +68,7 @@ def main():
   sigma = jnp.asarray(rng.uniform(0, 1, (b,)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, m.num_classes, (b,)), jnp.int32)
   fwd = jax.jit(lambda p, x, s, y, u: asymjit.asymjit_apply(model, p, x, s, y, u, sigma_min=af.EVAL_SIGMA_MIN))
-  params, basis = holder[0].params, holder[0].basis
+  params, basis = step.state.params, step.state.basis
   fwd_c = fwd.lower(params, x, sigma, labels, basis).compile()
   fwd_times = common.stats(common.time_calls(lambda: fwd_c(params, x, sigma, labels, basis),
                                              warmup=args.warmup, reps=args.reps))

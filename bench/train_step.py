@@ -27,13 +27,7 @@ def main():
 
   config = common.load_config(args.config, args.set)
   compiled, state, batch, model = common.build_train_step(config)
-  holder = [state]
-
-  def step():
-    holder[0], metrics = compiled(holder[0], batch)
-    return metrics["loss"]
-
-  times = common.time_calls(step, warmup=args.warmup, reps=args.steps)
+  times = common.time_calls(common.Stepper(compiled, state, batch), warmup=args.warmup, reps=args.steps)
   st = common.stats(times)
   step_s = st["median_ms"] / 1e3
   flops = xla_flops(compiled)
