@@ -268,27 +268,36 @@ def _perturbed(params, std=0.05):
   return jax.tree_util.tree_unflatten(tree, [a + std * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
+SCAN_CFG = jit_config("tiny", depth=6)   # runs (0, 1) (1, 3) (3, 6); with features after 3: (3, 4) (4, 6)
+
+
+def _scan_case(model, params):
+  """(u_A, REPA features after block 3, lowered forward text, gradient of a mean-square loss) of ``model``."""
+  x, sigma, labels = inputs()
+  lowered = jax.jit(lambda p: model.apply({"params": p}, x, sigma, labels, features_after=3)).lower(params)
+  u, f = lowered.compile()(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, sigma, labels)))))(params)
+  return u, f, lowered.as_text(), grads
+
+
+@functools.lru_cache(maxsize=None)
+def _unrolled_scan_reference():
+  """Perturbed parameters of SCAN_CFG and the unrolled model's results on them (shared by both remat cases)."""
+  x, sigma, labels = inputs()
+  params = _perturbed(JiT(SCAN_CFG).init(jax.random.key(0), x, sigma, labels)["params"])
+  return params, _scan_case(JiT(SCAN_CFG), params)
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_layer_scan_matches_unrolled(remat):
-  cfg = jit_config("tiny", depth=6)             # runs (0, 1) (1, 3) (3, 6); with features after 3: (3, 4) (4, 6)
   x, sigma, labels = inputs()
-  plain, scanned = JiT(cfg), JiT(cfg, scan_layers=True, remat=remat)
-  params = _perturbed(plain.init(jax.random.key(0), x, sigma, labels)["params"])
+  params, (u0, f0, text0, g0) = _unrolled_scan_reference()
+  scanned = JiT(SCAN_CFG, scan_layers=True, remat=remat)
   assert set(scanned.init(jax.random.key(0), x, sigma, labels)["params"]) == set(params)   # same tree
-
-  def fwd(m):
-    return lambda p: m.apply({"params": p}, x, sigma, labels, features_after=3)
-
-  (u0, f0), (u1, f1) = jax.jit(fwd(plain))(params), jax.jit(fwd(scanned))(params)
+  u1, f1, text1, g1 = _scan_case(scanned, params)
   assert _rel(u1, u0) <= 1e-5 and _rel(f1, f0) <= 1e-5 and float(jnp.max(jnp.abs(u0))) > 1e-2
   # the scanned program really loops: one while per run of >= 2 blocks, none unrolled
-  assert jax.jit(fwd(scanned)).lower(params).as_text().count("stablehlo.while") == 2
-  assert "stablehlo.while" not in jax.jit(fwd(plain)).lower(params).as_text()
-
-  def loss(m):
-    return lambda p: jnp.mean(jnp.square(m.apply({"params": p}, x, sigma, labels)))
-
-  g0, g1 = jax.jit(jax.grad(loss(plain)))(params), jax.jit(jax.grad(loss(scanned)))(params)
+  assert text1.count("stablehlo.while") == 2 and "stablehlo.while" not in text0
   assert jax.tree.structure(g0) == jax.tree.structure(g1)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a)) + 1e-30),
