@@ -163,8 +163,9 @@ def model_flops_per_chip(exp: experiment.Experiment, num_chips: int) -> float | 
   return 3.0 * exp.model.config.forward_flops(exp.config.batch_size) / num_chips
 
 
-def _prepare(config):
-  """Placeholders for the files a config names (nothing is read when compiling)."""
+def placeholder_paths(config):
+  """``config`` with placeholders for the files it names but compiling never reads (the data, a
+  finetuning base, a DINOv2 REPA encoder): abstract steps need none of them."""
   with config.unlocked():
     config.data.path = config.data.path or "unused-by-aot"
     if config.finetune.trainable or config.finetune.lora_rank:
@@ -176,7 +177,7 @@ def _prepare(config):
 
 def compile_train_step(config, devs) -> tuple[experiment.Experiment, dict]:
   t = time.time()
-  exp = experiment.build(_prepare(config), shd.make_mesh(config.mesh, devs), training=True)
+  exp = experiment.build(placeholder_paths(config), shd.make_mesh(config.mesh, devs), training=True)
   lowered = objective.lower_train_step(exp)
   lower_s = time.time() - t
   t = time.time()
@@ -186,7 +187,7 @@ def compile_train_step(config, devs) -> tuple[experiment.Experiment, dict]:
 
 def compile_sampler(config, devs, batch: int) -> dict:
   """One compiled call of the class-conditional sampling loop (``config.sample``) for ``batch`` images."""
-  exp = experiment.build(_prepare(config), shd.make_mesh(config.mesh, devs), training=False)
+  exp = experiment.build(placeholder_paths(config), shd.make_mesh(config.mesh, devs), training=False)
   if backbone.is_text(exp.model):
     raise ValueError("--sampler: only class-conditional (JiT) configs; text-to-image sampling is not covered yet.")
   s, target, repl = config.sample, exp.target(), shd.replicated(exp.mesh)

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 import jax  # noqa: E402
 
-from asymflow_jax import experiment, objective  # noqa: E402
+from asymflow_jax import aot, experiment, objective  # noqa: E402
 from asymflow_jax import sharding as shd  # noqa: E402
 
 
@@ -54,16 +54,13 @@ def main():
   parser.add_argument("--lower_only", action="store_true", help="lower without compiling (no memory numbers)")
   args = parser.parse_args()
 
-  config = common.load_config(args.config, args.set)
-  if config.finetune.trainable or config.finetune.lora_rank:
-    config.finetune.base = config.finetune.base or "unused-by-bench"
-  config.data.path = config.data.path or "unused-by-bench"
+  config = aot.placeholder_paths(common.load_config(args.config, args.set))
   t = time.time()
   exp = experiment.build(config, shd.make_mesh(config.mesh), training=True)
   lowered = objective.lower_train_step(exp)
   lower_s = time.time() - t
   trained = _count(exp.abstract.params)
-  frozen = _count(exp.abstract.frozen["params"]) if exp.abstract.frozen else 0
+  frozen = _count(exp.abstract.frozen.get("params", {})) if exp.abstract.frozen else 0   # the frozen base
   fields = dict(config=args.config, overrides=args.set, devices=args.devices,
                 mesh=dict(zip(shd.MESH_AXES, shd.mesh_shape(config.mesh, args.devices))),
                 batch_size=config.batch_size, per_device_batch=config.batch_size // shd.batch_divisor(exp.mesh),
