@@ -372,16 +372,17 @@ def _family_errors(config, training: bool) -> list[str]:
   if m.family not in backbone.FAMILIES:
     return [f"config.model.family={m.family!r}: expected one of {backbone.FAMILIES}."]
   text_data = config.data.source == "t2i"
+  errors = []
+  if m.attention_impl not in ATTENTION_IMPLS:   # both families
+    errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
   if m.family == "jit":
-    errors = [f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
-              f"{m.family!r}."] if text_data and training else []
-    if m.attention_impl not in ATTENTION_IMPLS:
-      errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
-    elif m.attention_impl != "einsum" and m.attn_dropout > 0 and training:
+    if text_data and training:
+      errors.append(f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
+                    f"{m.family!r}.")
+    if m.attention_impl == "dot_product_attention" and m.attn_dropout > 0 and training:
       errors.append(f"config.model.attn_dropout={m.attn_dropout}: dropout on the attention probabilities needs "
                     f"config.model.attention_impl='einsum', got {m.attention_impl!r}.")
     return errors
-  errors = []
   try:
     latent = flux2.Flux2Config.from_dict(dict(m.flux2))
   except (TypeError, ValueError) as e:
@@ -389,8 +390,6 @@ def _family_errors(config, training: bool) -> list[str]:
   if m.rank != latent.in_channels:
     errors.append(f"config.model.rank={m.rank}: an AsymFLUX.2 basis maps the latent tokens, so the rank must be "
                   f"model.flux2.in_channels={latent.in_channels}.")
-  if m.attention_impl not in ATTENTION_IMPLS:
-    errors.append(f"config.model.attention_impl={m.attention_impl!r}: expected one of {ATTENTION_IMPLS}.")
   if m.scan_layers:
     errors.append("config.model.scan_layers=True: the layer scan is implemented for the 'jit' family only; "
                   "set it to False for asymflux2.")

@@ -49,10 +49,10 @@ def main():
                              (jnp.float32(interval[0]), jnp.float32(interval[1])), num_steps=args.steps,
                              method=args.method, cfg=True)
 
-  compare = (lo, hi) != (0.0, 1.0)
-  times = {(lo, hi): [], (0.0, 1.0): []}
+  times = {(lo, hi): [], (0.0, 1.0): []}   # one key when --interval is [0, 1]
+  compare = len(times) == 2
   for r in range(2 if compare else 1):   # alternating rounds: (interval, everywhere, interval, everywhere)
-    for interval in list(times)[:2 if compare else 1]:
+    for interval in times:
       times[interval].extend(common.time_calls(lambda: call(interval), warmup=args.warmup if r == 0 else 0,
                                                reps=args.reps))
   st = common.stats(times[(lo, hi)])
