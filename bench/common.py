@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -53,6 +54,19 @@ def time_calls(fn, *, warmup: int, reps: int) -> np.ndarray:
     jax.block_until_ready(fn())
     out.append(time.perf_counter() - t0)
   return np.asarray(out)
+
+
+def os_cost(fn, calls: int) -> dict:
+  """Runs ``fn()`` ``calls`` times (each blocked on) and returns the process's kernel-side cost per
+  call: system CPU ms and minor page faults (``getrusage``). On CPU, XLA allocates each execution's
+  temporary buffer afresh, and every page of it faults on first touch: that cost shows here."""
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(calls):
+    jax.block_until_ready(fn())
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  return dict(sys_ms_per_call=(r1.ru_stime - r0.ru_stime) / calls * 1e3,
+              user_ms_per_call=(r1.ru_utime - r0.ru_utime) / calls * 1e3,
+              minor_faults_per_call=(r1.ru_minflt - r0.ru_minflt) / calls)
 
 
 def stats(seconds) -> dict:

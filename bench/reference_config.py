@@ -12,6 +12,10 @@ The train step is the project's ``objective.train_step`` (sigma/label/noise samp
 + recovery, loss, backward, AdamW, one EMA update; no remat). The forward is ``asymjit_apply`` in
 eval mode (JiT backbone + AsymFlow recovery), jitted. This file is also a config file
 (``get_config``) for the other bench scripts.
+
+``train_step_os``: the kernel-side cost per train step (system CPU ms, minor page faults) next to the
+size of XLA's per-execution temporary buffer: on CPU each step faults in that buffer afresh
+(bench/README.md, "Where the train step's time goes").
 """
 
 import argparse
@@ -61,6 +65,8 @@ def main():
   compiled, state, batch, model = common.build_train_step(config)
   step = common.Stepper(compiled, state, batch)
   train_times = common.stats(common.time_calls(step, warmup=args.warmup, reps=args.reps))
+  train_os = common.os_cost(step, args.reps)
+  temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
   b, m = args.forward_batch, config.model
   rng = np.random.default_rng(0)
@@ -81,6 +87,7 @@ def main():
       train_step_ms=train_times["median_ms"], train_img_per_s=args.train_batch / step_s, train_batch=args.train_batch,
       forward_ms=fwd_times["median_ms"], forward_img_per_s=b / (fwd_times["median_ms"] / 1e3), forward_batch=b,
       train_step=train_times, forward=fwd_times,
+      train_step_os=dict(train_os, xla_temp_mib=temp_mib),
       train_flops_per_step_xla=flops, forward_flops_xla=xla_flops(fwd_c),
       peak_tflops=peak / 1e12, peak_source=peak_src, train_fraction_of_peak=flops / step_s / peak,
       config=dict(input=f"{m.input_size}x{m.input_size}x{m.in_channels}", patch=m.patch_size, hidden=m.hidden_size,

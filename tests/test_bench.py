@@ -110,3 +110,7 @@ def test_bench_script_prints_one_json_line(name, bench_runs):
     assert rec["num_devices"] == 2 and rec["per_device_batch"] == 2 and rec["mesh"]["fsdp"] == 2
     per = rec["bytes_per_device"]
     assert per["argument"] > 0 and per["peak"] == per["argument"] + per["output"] - per["alias"] + per["temp"]
+  if name == "reference_config":   # the kernel-side cost per step beside XLA's temporary buffer size
+    os_cost = rec["train_step_os"]
+    assert os_cost["xla_temp_mib"] > 0 and os_cost["user_ms_per_call"] > 0
+    assert os_cost["sys_ms_per_call"] >= 0 and os_cost["minor_faults_per_call"] >= 0

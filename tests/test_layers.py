@@ -21,6 +21,7 @@ LAYERS = {
     "asymflow_jax.subspace": BLOCKS,
     "asymflow_jax.models": BLOCKS,
     "asymflow_jax.models.jit_model": BLOCKS,
+    "asymflow_jax.models.activations": BLOCKS,
     "asymflow_jax.models.attention": BLOCKS,
     "asymflow_jax.models.layout": BLOCKS,
     "asymflow_jax.models.asymjit": BLOCKS,

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from asymflow_jax.models.activations import swiglu
 from asymflow_jax.models.attention import attention
 from asymflow_jax.models.layout import constrain_batch
 
@@ -300,7 +301,7 @@ class FeedForward(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     m = cfg.mlp_hidden_dim
     h = _dense(2 * m, ("embed", "mlp"), name="linear_in", **kw)(x)
-    h = (nn.silu(h[..., :m].astype(jnp.float32)) * h[..., m:].astype(jnp.float32)).astype(self.dtype)
+    h = swiglu(h)    # float32 inside, self.dtype out
     return _dense(cfg.inner_dim, ("mlp", "embed"), name="linear_out", **kw)(h)
 
 

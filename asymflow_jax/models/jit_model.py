@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from asymflow_jax.asymflow import patchify
+from asymflow_jax.models.activations import swiglu
 from asymflow_jax.models.attention import IMPLS as ATTENTION_IMPLS, attention
 from asymflow_jax.models.finetune import LORA_DROPOUT
 from asymflow_jax.models.layout import constrain_batch
@@ -352,7 +353,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """w12 (hidden -> 2h) -> silu(first half) * second half -> dropout -> w3 (h -> hidden)."""
+  """w12 (hidden -> 2h) -> silu(first half) * second half (float32, :func:`activations.swiglu`) ->
+  dropout -> w3 (h -> hidden)."""
 
   config: JiTConfig
   dropout_rate: float = 0.0
@@ -363,9 +365,7 @@ class SwiGLU(nn.Module):
   def __call__(self, x, deterministic: bool):
     h = self.config.swiglu_hidden
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x12 = _dense(2 * h, ("embed", "mlp"), name="w12", **kw)(x)
-    x1, x2 = x12[..., :h], x12[..., h:]
-    y = nn.silu(x1) * x2
+    y = swiglu(_dense(2 * h, ("embed", "mlp"), name="w12", **kw)(x))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     return _dense(self.config.hidden_size, ("mlp", "embed"), name="w3", **kw)(y)
 
