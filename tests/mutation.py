@@ -68,7 +68,16 @@ TARGETS = {
         "tests/test_asymflux2.py::test_t2i_batch_spec_and_shardings"), 480),
     "sampling": Target("asymflow_jax/sampling.py", ("tests/test_sampling.py",), 300),
     "subspace": Target("asymflow_jax/subspace/__init__.py", ("tests/test_subspace.py",), 300),
-    "checkpoint": Target("asymflow_jax/checkpoint.py", ("tests/test_workdir.py", HAND), 480),
+    "checkpoint": Target("asymflow_jax/checkpoint.py", (
+        *(f"tests/test_faults.py::{t}" for t in (
+            "test_fingerprint_sees_every_single_bit_flip", "test_keep_zero_and_other_bad_values_fail_before_anything_is_touched",
+            "test_resume_with_a_changed_model_stops_and_keeps_the_stored_config",
+            "test_truncated_latest_checkpoint_falls_back_to_the_previous_step",
+            "test_silently_changed_data_fails_its_fingerprint", "test_missing_metadata_everywhere_stops_naming_every_step",
+            "test_a_step_with_nan_values_is_refused_on_restore", "test_restore_lets_exit_and_ctrl_c_through",
+            "test_quarantine_never_overwrites_an_earlier_copy", "test_rank0_state_saves_and_restores",
+            "test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value")),
+        "tests/test_workdir.py", HAND), 480),
 }
 
 _KEEP_BINARY = ("Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div", "Mod_FloorDiv", "Pow_Mul")

@@ -82,6 +82,29 @@ BUGS += (
         "shd.batch_sharding(mesh, 1 + len(shape))", "shd.batch_sharding(mesh, 0 + len(shape))", (T2I,)),
 )
 
+# Mutants of checkpoint.py that survived its first mutation run and the tests written to kill them.
+FAULTS = "tests/test_faults.py::"
+CK = "asymflow_jax/checkpoint.py"
+BUGS += (
+    Bug("mut_restore_nan_check", "restore's finiteness check always passes (`or [True]` -> `and [True]`)", CK,
+        "if jnp.issubdtype(x.dtype, jnp.floating)] or [True]))", "if jnp.issubdtype(x.dtype, jnp.floating)] and [True]))",
+        (FAULTS + "test_a_step_with_nan_values_is_refused_on_restore",)),
+    Bug("mut_restore_swallows_exit", "SystemExit/Ctrl-C during a restore become a CheckpointError (and a fallback)", CK,
+        "  except (KeyboardInterrupt, SystemExit):\n    raise\n  except Exception as e:  # orbax",
+        "  except BaseException as e:  # orbax",
+        (FAULTS + "test_restore_lets_exit_and_ctrl_c_through",)),
+    Bug("mut_quarantine_suffix", "a second quarantine of a step counts its suffix down (n + 1 -> n - 1)", CK,
+        'target, n = dest / f"{step}.{n}", n + 1', 'target, n = dest / f"{step}.{n}", n - 1',
+        (FAULTS + "test_quarantine_never_overwrites_an_earlier_copy",)),
+    Bug("mut_rank0_basis", "the rank-0 basis is stored (shape[-1] == 0 -> == -1)", CK,
+        "if basis.shape[-1] == 0 else", "if basis.shape[-1] == -1 else", (FAULTS + "test_rank0_state_saves_and_restores",)),
+    Bug("mut_flat_diff", "the resume diff recurses when only one side is a dict (and -> or)", CK,
+        "if isinstance(va, dict) and isinstance(vb, dict):", "if isinstance(va, dict) or isinstance(vb, dict):",
+        (FAULTS + "test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value",)),
+    Bug("mut_bad_leaves_listed", "the corrupt-data message lists 6 leaves instead of 5", CK,
+        "', '.join(bad[:5])", "', '.join(bad[:6])", (FAULTS + "test_silently_changed_data_fails_its_fingerprint",)),
+)
+
 
 def copy_repo(dest: pathlib.Path):
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,

@@ -6,6 +6,7 @@ checkpoints on disk, the message, the exit code."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from asymflow_jax import checkpoint
 from asymflow_jax import config as config_lib
 from asymflow_jax import experiment
 from asymflow_jax import sharding as shd
+from asymflow_jax import subspace as subspace_lib
 from tests.conftest import build_once, subprocess_env
 from tests.train_config import tiny_train_config
 
@@ -172,6 +174,9 @@ def test_silently_changed_data_fails_its_fingerprint(tmp_path, straight, capsys)
   (state, _), err = _restore(wd, capsys)
   assert int(state.step) == 4
   assert "step 6: item 'params' does not match the fingerprint written with it" in err
+  # the message names the first 5 differing leaves, then " ..." (the tiny model has more than 5)
+  listed = re.search(r"corrupted data in (.*)\)\.", err).group(1)
+  assert listed.endswith(" ...") and len(listed.removesuffix(" ...").split(", ")) == 5, listed
 
 
 def test_missing_metadata_everywhere_stops_naming_every_step(tmp_path, straight, capsys):
@@ -184,6 +189,74 @@ def test_missing_metadata_everywhere_stops_naming_every_step(tmp_path, straight,
   msg = str(err.value)
   assert all(f"step {s} has no item(s) ['train_meta']" in msg for s in (2, 4, 6)), msg
   assert _steps(wd) == ["2", "4", "6"] and not (wd / "corrupt_checkpoints").exists()   # nothing moved
+
+
+def test_a_step_with_nan_values_is_refused_on_restore(tmp_path, straight, capsys):
+  # save_train never writes a non-finite state; a step that holds one anyway (written by other means,
+  # with a matching fingerprint) must still be refused on restore, and the run falls back
+  wd = tmp_path / "wd"
+  shutil.copytree(straight, wd)
+  (state, data), _ = _restore(wd, capsys)
+  nan_params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), state.params)
+  mngr = checkpoint.manager(str(wd), tiny_train_config(6))
+  try:
+    checkpoint._save_items(mngr, 8, checkpoint._items(state.replace(params=nan_params)), data, force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  (state, _), err = _restore(wd, capsys)
+  assert int(state.step) == 6
+  assert "step 8: item 'params' holds NaN or Inf values" in err
+  assert os.listdir(wd / "corrupt_checkpoints") == ["8"]
+
+
+def test_restore_lets_exit_and_ctrl_c_through(straight, monkeypatch, capsys):
+  # only errors of the data become CheckpointError (and a fallback to an older step); an exit or a
+  # Ctrl-C during the read ends the run as it would anywhere else
+  for exc in (SystemExit(3), KeyboardInterrupt()):
+    def fail(*_, exc=exc, **__):
+      raise exc
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", fail)
+    with pytest.raises(type(exc)):
+      _restore(straight, capsys)
+  assert _steps(straight) == ["2", "4", "6"] and not (straight / "corrupt_checkpoints").exists()
+
+
+def test_quarantine_never_overwrites_an_earlier_copy(tmp_path):
+  for name in ("checkpoints/6", "corrupt_checkpoints/6", "corrupt_checkpoints/6.1"):
+    (tmp_path / name).mkdir(parents=True)
+    (tmp_path / name / "marker").write_text(name)
+  checkpoint._quarantine(str(tmp_path), [6])
+  assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["6", "6.1", "6.2"]
+  assert (tmp_path / "corrupt_checkpoints" / "6.2" / "marker").read_text() == "checkpoints/6"
+  assert (tmp_path / "corrupt_checkpoints" / "6.1" / "marker").read_text() == "corrupt_checkpoints/6.1"
+  assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_rank0_state_saves_and_restores(tmp_path):
+  # a rank-0 basis (D, 0) is not stored (orbax cannot write zero-size arrays) and comes back as (D, 0)
+  config = tiny_train_config(2)
+  config.model.rank = 0
+  exp = experiment.build(config, shd.make_mesh(config.mesh), training=True)
+  d = exp.model.config.patch_dim
+  state = exp.init_state(subspace_lib.Subspace(basis=np.zeros((d, 0), np.float32), patch_size=4))
+  mngr = checkpoint.manager(str(tmp_path), config)
+  try:
+    checkpoint.save_train(mngr, state, {"pos": 3}, force=True)
+    mngr.wait_until_finished()
+    restored, data = checkpoint.restore_train(str(tmp_path), mngr, exp)
+  finally:
+    mngr.close()
+  assert restored.basis.shape == (d, 0) and data == {"pos": 3}
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value():
+  stored = {"a": {"b": 1, "c": {"d": 2}}, "e": 3, "gone": 1}
+  new = {"a": {"b": 1, "c": 5}, "e": 4, "added": {"x": 1}}
+  assert checkpoint._flat_diff(stored, new) == [
+      "a.c: {'d': 2} -> 5", "added: None -> {'x': 1}", "e: 3 -> 4", "gone: 1 -> None"]
 
 
 def test_fingerprint_sees_every_single_bit_flip():
