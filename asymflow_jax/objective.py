@@ -175,7 +175,7 @@ def train_step(state: experiment.TrainState, batch, *, model, config, optimizer)
     # The barrier makes the new params one materialised value that the EMA reads: otherwise XLA
     # recomputes them from the old params inside the EMA's fusion as well, and since the old params'
     # (donated) buffers are overwritten by the new ones, it copies every parameter at the start of
-    # the step to keep the old values readable (98 copies, ~6 % of the reference step on CPU).
+    # the step to keep the old values readable (XLA:CPU: 98 copies, 30 MB per step on the reference config).
     params = jax.lax.optimization_barrier(keep_old(params, state.params))
   with jax.named_scope("ema"):
     ema = tuple(jax.tree.map(lambda e, p, d=d: p + (e - p) * d, e_tree, params)

@@ -135,6 +135,7 @@ def test_images_do_not_depend_on_device_count(tmp_path):
   assert jax.device_count() == 1 and int(eight["devices"]) == 8
   assert one.shape == (16, 32, 32, 1) and one.dtype == np.uint8
   np.testing.assert_array_equal(one, eight["images"])
+  np.testing.assert_array_equal(one[3:8], eight["odd"])   # 5 images on 8 devices: padded, then cropped
   assert one.std() > 5  # real images, not a constant
 
 
@@ -148,3 +149,87 @@ def test_asymjit_heun_cfg_compiles_once_across_guidance_values():
   images = [np.asarray(run(g)) for g in (1.5, 2.3, 4.0)]
   assert sampling.generate._cache_size() == before + 1
   assert np.abs(images[0] - images[2]).max() > 1e-2   # the scale changes the result
+
+
+def test_sigma_grid_rejects_fewer_than_one_step():
+  np.testing.assert_array_equal(sampling.sigma_grid(1), [1.0, 0.0])
+  with pytest.raises(ValueError, match=r"num_steps must be >= 1, got 0\."):
+    sampling.sigma_grid(0)
+
+
+def _two_label_velocity(x, sigma, labels):
+  # the exact Gaussian velocity for real labels, a different field for the null label 10
+  return gaussian_velocity(x, sigma, labels) + jnp.where((labels == 10)[:, None], 0.5, 0.0)
+
+
+def test_sample_defaults_guidance_1_and_the_whole_sigma_range():
+  z, y = jax.random.normal(jax.random.key(1), (3, 4)), jnp.array([1, 2, 3])
+  run = lambda **kw: np.asarray(sampling.sample(_two_label_velocity, z, y, num_steps=4, method="heun", **kw))
+  # guidance defaults to 1: the conditional velocity alone, as without CFG
+  np.testing.assert_allclose(run(null_label=10), run(cfg=False), rtol=0, atol=1e-6)
+  # the default interval guides every evaluation: the same as (0, 1) given explicitly, not as (1, 1)
+  guided = run(null_label=10, guidance=2.0)
+  np.testing.assert_allclose(guided, run(null_label=10, guidance=2.0, interval=(0.0, 1.0)), rtol=0, atol=1e-6)
+  assert np.abs(guided - run(null_label=10, guidance=2.0, interval=(1.0, 1.0))).max() > 0.1
+
+
+def test_labels_shape_error_names_the_batch_size():
+  with pytest.raises(ValueError, match=r"labels must have shape \(3,\), got \(2,\)\."):
+    sampling.sample(_two_label_velocity, jnp.zeros((3, 5)), jnp.zeros((2,), jnp.int32), num_steps=1, cfg=False)
+
+
+def test_noise_and_labels_follow_the_global_index():
+  key, idx = jax.random.key(3), jnp.array([0, 5, 12, 13])
+  noise, labels = sampling.noise_and_labels(key, idx, (2,), 10)
+  assert labels.dtype == jnp.int32 and labels.tolist() == [0, 5, 2, 3]
+  for row, i in enumerate((0, 5, 12, 13)):
+    np.testing.assert_array_equal(noise[row], jax.random.normal(jax.random.fold_in(key, i), (2,)))
+
+
+def test_orthogonal_guidance_projects_each_sample_on_its_own_x0():
+  # two samples of shape (2, 2): the component of the guidance direction along x0_hat is removed per sample
+  rng = np.random.default_rng(0)
+  x, pos, neg = (rng.standard_normal((2, 2, 2)).astype(np.float32) for _ in range(3))
+  # the doubled batch is [x, x] with labels [null, null, 0, 1]
+  vel = lambda xx, s, labels: jnp.asarray(np.concatenate([neg, pos]) if xx.shape[0] == 4 else pos) + 0 * xx
+  out = sampling.guided_velocity(vel, jnp.asarray(x), jnp.float32(0.5), jnp.array([0, 1]), null_label=10,
+                                 guidance=3.0, interval=(0.0, 1.0), orthogonal=1.0)
+  for i in range(2):
+    x0, bias = (x[i] - 0.5 * pos[i]).ravel(), (pos[i] - neg[i]).ravel()
+    want = pos[i].ravel() + 2.0 * (bias - (bias @ x0) / (x0 @ x0) * x0)
+    np.testing.assert_allclose(np.asarray(out[i]).ravel(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_on_mesh_and_from_config_compose_the_sampler_pieces():
+  """generate_on_mesh / generate_from_config against the sampler assembled by hand from its parts
+  (noise_and_labels, the AsymJiT velocity, sample, a clip to [-1, 1], to_uint8)."""
+  from ml_collections import ConfigDict  # noqa: PLC0415
+  from asymflow_jax import image_io, sharding  # noqa: PLC0415
+  from tests.sampling_worker import perturbed_tiny_model  # noqa: PLC0415
+  model, params, basis = perturbed_tiny_model()
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+  cfg = model.config
+  noise, labels = sampling.noise_and_labels(jax.random.key(7), jnp.arange(3),
+                                            (cfg.input_size, cfg.input_size, cfg.in_channels), cfg.num_classes)
+  vel = sampling.asymjit_velocity_fn(model, params, basis, 1.0)
+  # guidance 0 is the unconditional model (CFG still on); (0, 0.6) guides only the evaluations at sigma = 0.5
+  for guidance, interval in ((0.0, (0.0, 1.0)), (2.0, (0.0, 0.6))):
+    x = sampling.sample(vel, noise, labels, num_steps=2, method="heun", guidance=guidance, interval=interval,
+                        null_label=cfg.num_classes)
+    want = image_io.to_uint8(np.clip(np.asarray(x), -1.0, 1.0))
+    got = sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 3, seed=7, guidance=guidance,
+                                    interval=interval, num_steps=2, method="heun")
+    np.testing.assert_array_equal(got, want)
+    assert got.min() == 0 and got.max() == 255      # the clip is [-1, 1]: both ends are reached
+  s = ConfigDict(dict(num_steps=2, method="heun", guidance=2.0, interval=(0.0, 0.6)))
+  for batch in (None, 1, 2):
+    out = sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=3, seed=7, batch=batch)
+    np.testing.assert_array_equal(out, got)
+  with pytest.raises(ValueError, match=r"num=0: expected at least 1 image\."):
+    sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=0, seed=7)
+  with pytest.raises(ValueError, match=r"batch=0: expected at least 1\."):
+    sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=3, seed=7, batch=0)
+  for guidance, interval in ((float("nan"), (0.0, 1.0)), (2.0, (0.0, float("inf")))):
+    with pytest.raises(ValueError, match=r"must be finite"):
+      sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 3, seed=7, guidance=guidance, interval=interval,
+                                num_steps=2)
