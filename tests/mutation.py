@@ -76,7 +76,8 @@ TARGETS = {
             "test_silently_changed_data_fails_its_fingerprint", "test_missing_metadata_everywhere_stops_naming_every_step",
             "test_a_step_with_nan_values_is_refused_on_restore", "test_restore_lets_exit_and_ctrl_c_through",
             "test_quarantine_never_overwrites_an_earlier_copy", "test_rank0_state_saves_and_restores",
-            "test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value")),
+            "test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value",
+            "test_config_json_is_written_into_a_new_nested_workdir")),
         "tests/test_workdir.py", HAND), 480),
 }
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 
 from asymflow_jax import checkpoint
 from asymflow_jax import config as config_lib
@@ -223,14 +224,23 @@ def test_restore_lets_exit_and_ctrl_c_through(straight, monkeypatch, capsys):
 
 
 def test_quarantine_never_overwrites_an_earlier_copy(tmp_path):
-  for name in ("checkpoints/6", "corrupt_checkpoints/6", "corrupt_checkpoints/6.1"):
+  # step 6 was moved aside twice before, step 5 once, step 4 never
+  for name in ("checkpoints/6", "checkpoints/5", "checkpoints/4", "corrupt_checkpoints/6", "corrupt_checkpoints/6.1",
+               "corrupt_checkpoints/5"):
     (tmp_path / name).mkdir(parents=True)
     (tmp_path / name / "marker").write_text(name)
-  checkpoint._quarantine(str(tmp_path), [6])
-  assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["6", "6.1", "6.2"]
-  assert (tmp_path / "corrupt_checkpoints" / "6.2" / "marker").read_text() == "checkpoints/6"
+  checkpoint._quarantine(str(tmp_path), [6, 5, 4])
+  assert sorted(os.listdir(tmp_path / "corrupt_checkpoints")) == ["4", "5", "5.1", "6", "6.1", "6.2"]
+  for moved, src in (("6.2", "6"), ("5.1", "5"), ("4", "4")):
+    assert (tmp_path / "corrupt_checkpoints" / moved / "marker").read_text() == f"checkpoints/{src}"
   assert (tmp_path / "corrupt_checkpoints" / "6.1" / "marker").read_text() == "corrupt_checkpoints/6.1"
   assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_config_json_is_written_into_a_new_nested_workdir(tmp_path):
+  wd = tmp_path / "runs" / "new" / "wd"
+  checkpoint.write_config(str(wd), tiny_train_config(2))
+  assert checkpoint.read_config(str(wd)).model.rank == 4
 
 
 def test_rank0_state_saves_and_restores(tmp_path):
@@ -243,11 +253,14 @@ def test_rank0_state_saves_and_restores(tmp_path):
   mngr = checkpoint.manager(str(tmp_path), config)
   try:
     checkpoint.save_train(mngr, state, {"pos": 3}, force=True)
+    # the train loop decides when to save: the manager keeps any step it is given (here an odd one)
+    checkpoint.save_train(mngr, state.replace(step=state.step + 1), {"pos": 5})
     mngr.wait_until_finished()
+    assert mngr.all_steps() == [0, 1]
     restored, data = checkpoint.restore_train(str(tmp_path), mngr, exp)
   finally:
     mngr.close()
-  assert restored.basis.shape == (d, 0) and data == {"pos": 3}
+  assert int(restored.step) == 1 and restored.basis.shape == (d, 0) and data == {"pos": 5}
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):
     np.testing.assert_array_equal(a, b)
 
@@ -268,6 +281,13 @@ def test_fingerprint_sees_every_single_bit_flip():
       flipped = bits.copy().reshape(-1)
       flipped[i] ^= np.uint32(1 << b)
       assert checkpoint.fingerprints({"a": {"x": flipped.view(np.float32).reshape(x.shape)}})[0]["a"] != base
+  # every element size has its bit view: 1-byte (uint8), 2-byte (bfloat16) and, with x64, 8-byte leaves
+  for leaf in (np.arange(6, dtype=np.uint8), jnp.arange(4, dtype=jnp.bfloat16)):
+    sums = checkpoint.fingerprints({"a": {"x": leaf}})[0]["a"]
+    assert sums == [int(np.asarray(leaf).view(f"u{np.asarray(leaf).dtype.itemsize}").astype(np.uint64).sum() % 2**32)]
+  with jax.enable_x64(True):
+    x64 = np.array([1.5, -2.25], np.float64)
+    assert checkpoint.fingerprints({"a": {"x": x64}})[0]["a"] == [int(x64.view(np.uint32).astype(np.uint64).sum() % 2**32)]
 
 
 def test_nan_guidance_and_bad_sampler_arguments_exit_2(tmp_path, straight, capsys):
