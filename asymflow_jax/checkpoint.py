@@ -118,6 +118,8 @@ def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def _as_uint32(x):
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:   # bitcast_convert_type refuses bool
+    x = x.astype(jnp.uint8)
   bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
   u = jax.lax.bitcast_convert_type(x, bits)
   return u.astype(jnp.uint32)

@@ -281,8 +281,8 @@ def test_fingerprint_sees_every_single_bit_flip():
       flipped = bits.copy().reshape(-1)
       flipped[i] ^= np.uint32(1 << b)
       assert checkpoint.fingerprints({"a": {"x": flipped.view(np.float32).reshape(x.shape)}})[0]["a"] != base
-  # every element size has its bit view: 1-byte (uint8), 2-byte (bfloat16) and, with x64, 8-byte leaves
-  for leaf in (np.arange(6, dtype=np.uint8), jnp.arange(4, dtype=jnp.bfloat16)):
+  # every element size has its bit view: 1-byte (uint8, bool), 2-byte (bfloat16) and, with x64, 8-byte leaves
+  for leaf in (np.arange(6, dtype=np.uint8), np.array([True, False, True]), jnp.arange(4, dtype=jnp.bfloat16)):
     sums = checkpoint.fingerprints({"a": {"x": leaf}})[0]["a"]
     assert sums == [int(np.asarray(leaf).view(f"u{np.asarray(leaf).dtype.itemsize}").astype(np.uint64).sum() % 2**32)]
   with jax.enable_x64(True):
