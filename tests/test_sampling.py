@@ -148,6 +148,7 @@ def test_asymjit_heun_cfg_compiles_once_across_guidance_values():
   before = sampling.generate._cache_size()
   images = [np.asarray(run(g)) for g in (1.5, 2.3, 4.0)]
   assert sampling.generate._cache_size() == before + 1
+  assert all(im.min() == -1.0 and im.max() == 1.0 for im in images)   # clipped to [-1, 1], both ends reached
   assert np.abs(images[0] - images[2]).max() > 1e-2   # the scale changes the result
 
 
@@ -225,6 +226,8 @@ def test_generate_on_mesh_and_from_config_compose_the_sampler_pieces():
   for batch in (None, 1, 2):
     out = sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=3, seed=7, batch=batch)
     np.testing.assert_array_equal(out, got)
+  one = sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=1, seed=7)
+  np.testing.assert_array_equal(one, got[:1])   # a single image is a valid request
   with pytest.raises(ValueError, match=r"num=0: expected at least 1 image\."):
     sampling.generate_from_config(model, params, basis, 1.0, mesh, sample_config=s, num=0, seed=7)
   with pytest.raises(ValueError, match=r"batch=0: expected at least 1\."):
