@@ -114,6 +114,13 @@ BUGS += (
         "', '.join(bad[:5])", "', '.join(bad[:6])", (FAULTS + "test_silently_changed_data_fails_its_fingerprint",)),
 )
 
+# A mutant of sampling.py that survived its first mutation run and its retest, killed by an assertion added after.
+SAMPLING = "tests/test_sampling.py::"
+BUGS += (
+    Bug("mut_num_min", "generate_from_config refuses a single image (num < 1 -> num < 2)", "asymflow_jax/sampling.py",
+        "  if num < 1:", "  if num < 2:", (SAMPLING + "test_generate_on_mesh_and_from_config_compose_the_sampler_pieces",)),
+)
+
 
 def copy_repo(dest: pathlib.Path):
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
