@@ -114,9 +114,12 @@ BUGS += (
         "', '.join(bad[:5])", "', '.join(bad[:6])", (FAULTS + "test_silently_changed_data_fails_its_fingerprint",)),
 )
 
-# A mutant of sampling.py that survived its first mutation run and its retest, killed by an assertion added after.
+# Mutants of sampling.py that survived its first mutation run and its retest, killed by assertions added after.
 SAMPLING = "tests/test_sampling.py::"
 BUGS += (
+    Bug("mut_final_step", "Heun's final Euler step evaluated at s_{N-2} (num_steps - 1 -> - 2)", "asymflow_jax/sampling.py",
+        "  return euler_step(num_steps - 1, x)", "  return euler_step(num_steps - 2, x)",
+        (SAMPLING + "test_sigma_grid_and_evaluation_count",)),
     Bug("mut_num_min", "generate_from_config refuses a single image (num < 1 -> num < 2)", "asymflow_jax/sampling.py",
         "  if num < 1:", "  if num < 2:", (SAMPLING + "test_generate_on_mesh_and_from_config_compose_the_sampler_pieces",)),
 )

@@ -52,18 +52,22 @@ def test_sigma_grid_and_evaluation_count():
   shifted = sampling.sigma_grid(4, shift=3.0)
   raw = np.array([1.0, 0.75, 0.5, 0.25])
   np.testing.assert_allclose(shifted[:4], 3 * raw / (1 + 2 * raw), rtol=1e-6)
-  # count evaluations at run time through a host callback
-  counter = {"n": 0}
+  # count evaluations and record their sigmas at run time through a host callback
+  seen = []
 
   def vel(x, sigma, labels):
-    jax.debug.callback(lambda: counter.__setitem__("n", counter["n"] + 1))
+    jax.debug.callback(lambda s: seen.append(float(s[0])), sigma, ordered=True)
     return jnp.zeros_like(x)
+  g = sampling.sigma_grid(5)
+  # Heun: predictor at s_i and corrector at s_{i+1} for i < N - 1, then a final Euler step from s_{N-1}
+  want = {"heun": [g[0], g[1], g[1], g[2], g[2], g[3], g[3], g[4], g[4]], "euler": list(g[:5])}
   for method, n in (("heun", 5), ("euler", 5)):
-    counter["n"] = 0
+    seen.clear()
     jax.block_until_ready(sampling.sample(vel, jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), num_steps=n,
                                           method=method, cfg=False))
     jax.effects_barrier()
-    assert counter["n"] == sampling.num_evaluations(n, method) == (9 if method == "heun" else 5)
+    assert len(seen) == sampling.num_evaluations(n, method) == (9 if method == "heun" else 5)
+    np.testing.assert_allclose(seen, want[method], rtol=0, atol=1e-7)
 
 
 def test_cfg_interval_is_inclusive_in_sigma():
