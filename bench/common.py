@@ -56,17 +56,17 @@ def time_calls(fn, *, warmup: int, reps: int) -> np.ndarray:
   return np.asarray(out)
 
 
-def os_cost(fn, calls: int) -> dict:
-  """Runs ``fn()`` ``calls`` times (each blocked on) and returns the process's kernel-side cost per
-  call: system CPU ms and minor page faults (``getrusage``). On CPU, XLA allocates each execution's
-  temporary buffer afresh, and every page of it faults on first touch: that cost shows here."""
+def os_cost(run, calls: int):
+  """(``run()``, the process's kernel-side cost per call of the ``calls`` calls that ``run`` makes):
+  system and user CPU ms and minor page faults (``getrusage``). On CPU, XLA allocates each
+  execution's temporary buffer afresh, and every page of it faults on first touch: that cost shows
+  here. Wrap the timing loop, e.g. ``os_cost(lambda: time_calls(fn, warmup=w, reps=r), w + r)``."""
   r0 = resource.getrusage(resource.RUSAGE_SELF)
-  for _ in range(calls):
-    jax.block_until_ready(fn())
+  out = run()
   r1 = resource.getrusage(resource.RUSAGE_SELF)
-  return dict(sys_ms_per_call=(r1.ru_stime - r0.ru_stime) / calls * 1e3,
-              user_ms_per_call=(r1.ru_utime - r0.ru_utime) / calls * 1e3,
-              minor_faults_per_call=(r1.ru_minflt - r0.ru_minflt) / calls)
+  return out, dict(sys_ms_per_call=(r1.ru_stime - r0.ru_stime) / calls * 1e3,
+                   user_ms_per_call=(r1.ru_utime - r0.ru_utime) / calls * 1e3,
+                   minor_faults_per_call=(r1.ru_minflt - r0.ru_minflt) / calls)
 
 
 def stats(seconds) -> dict:
