@@ -121,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.keep_every = 50_000   # 0 = none
   c.checkpoint.async_save = True
+  # K train steps per jitted call (lax.scan over K batches): the same updates, one device call and
+  # one allocation of the step's temporaries per K steps. Calls that would pass a log, checkpoint,
+  # eval or sample step inside them run one step at a time instead.
+  c.steps_per_call = 1
   # logging and sampling
   c.log_every = 100
   c.sample = ml_collections.ConfigDict()
@@ -224,7 +228,7 @@ def _numeric_errors(c) -> list[str]:
   pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
   nonneg_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
   finite = lambda v: _number(v) and math.isfinite(v)
-  for field in ("batch_size", "num_steps", "log_every", "checkpoint.every", "checkpoint.keep",
+  for field in ("batch_size", "num_steps", "steps_per_call", "log_every", "checkpoint.every", "checkpoint.keep",
                 "subspace.num_images", "sample.num_steps", "eval.num_images"):
     _check(e, pos_int(_get(c, field)), field, _get(c, field), "an integer >= 1")
   for field in ("warmup_steps", "checkpoint.keep_every", "sample.every", "sample.num_images", "eval.every", "seed",

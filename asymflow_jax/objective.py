@@ -223,11 +223,28 @@ def batch_shardings(mesh, spec: dict) -> dict:
   return {k: shd.batch_sharding(mesh, 1 + len(shape)) for k, (shape, _) in spec.items()}
 
 
-def jit_train_step(exp: experiment.Experiment):
-  """The jitted train step of a training experiment: (state, batch) -> (state, metrics), state donated."""
-  step = functools.partial(train_step, model=exp.model, config=exp.config, optimizer=exp.optimizer)
+def train_steps(state: experiment.TrainState, batches, *, model, config, optimizer):
+  """``K`` consecutive train steps in one call (``lax.scan``): each ``batches`` leaf is (K, B, ...);
+  returns the state after the K-th step and every step's metrics stacked on a leading K axis.
+  The same updates as K calls of :func:`train_step` (the step counter, RNG and skip logic advance
+  per step). Fewer, longer device calls: the step's temporary buffers are allocated once per call
+  (on XLA:CPU each allocation is page-faulted in afresh; see bench/README.md) and the host
+  dispatches once per K steps."""
+  step = functools.partial(train_step, model=model, config=config, optimizer=optimizer)
+  return jax.lax.scan(step, state, batches)
+
+
+def jit_train_step(exp: experiment.Experiment, steps_per_call: int = 1):
+  """The jitted train step of a training experiment, state donated: (state, batch) -> (state,
+  metrics), or with ``steps_per_call`` K > 1 :func:`train_steps` (batch leaves (K, B, ...), metrics (K, ...))."""
+  kwargs = dict(model=exp.model, config=exp.config, optimizer=exp.optimizer)
   spec = batch_spec(exp, latent_shape=(1, 1, 1))   # only the ranks matter here
-  return jax.jit(step, in_shardings=(exp.shardings, batch_shardings(exp.mesh, spec)),
+  if steps_per_call == 1:
+    step, batch_sh = functools.partial(train_step, **kwargs), batch_shardings(exp.mesh, spec)
+  else:
+    step = functools.partial(train_steps, **kwargs)
+    batch_sh = {k: shd.stacked(sh) for k, sh in batch_shardings(exp.mesh, spec).items()}
+  return jax.jit(step, in_shardings=(exp.shardings, batch_sh),
                  out_shardings=(exp.shardings, shd.replicated(exp.mesh)), donate_argnums=(0,))
 
 

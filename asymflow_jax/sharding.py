@@ -96,7 +96,14 @@ def batch_divisor(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-  """Assembles per-process numpy batches into global jax.Arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in local_batch.items()}
+def stacked(sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` with a new, unsharded leading axis (K batches stacked for a K-step call)."""
+  return NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
+def global_batch(local_batch: dict, mesh, *, stacked_steps: bool = False) -> dict:
+  """Assembles per-process numpy batches into global jax.Arrays sharded over the batch axes;
+  ``stacked_steps``: each leaf is (K, local B, ...), K batches for a K-step call (the K axis unsharded)."""
+  def sharding(v):
+    return stacked(batch_sharding(mesh, np.ndim(v) - 1)) if stacked_steps else batch_sharding(mesh, np.ndim(v))
+  return {k: jax.make_array_from_process_local_data(sharding(v), np.asarray(v)) for k, v in local_batch.items()}

@@ -178,21 +178,56 @@ def _finish_saves(mngr):
     pass
 
 
+def _cadences(config, scorer) -> list[int]:
+  """The periods (in steps) of everything that happens between steps: log, checkpoint, eval, samples."""
+  every = [config.log_every, config.checkpoint.every]
+  if scorer is not None:
+    every.append(config.eval.every)
+  if config.sample.num_images and config.sample.every:
+    every.append(config.sample.every)
+  return every
+
+
+def _call_length(step: int, config, cadences: list[int]) -> int:
+  """Steps the next device call runs: ``config.steps_per_call`` when it ends by ``num_steps`` and no
+  log/checkpoint/eval/sample step falls strictly inside it, else 1."""
+  k = config.steps_per_call
+  inside = range(step + 1, step + k)
+  if k > 1 and step + k <= config.num_steps and not any(d % n == 0 for d in inside for n in cadences):
+    return k
+  return 1
+
+
 def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requested) -> TrainResult:
   config = exp.config
-  step_fn = objective.jit_train_step(exp)
+  step_fns = {1: objective.jit_train_step(exp)}
+  if config.steps_per_call > 1:
+    step_fns[config.steps_per_call] = objective.jit_train_step(exp, config.steps_per_call)
+  cadences = _cadences(config, scorer)
+  if config.steps_per_call > min(cadences):
+    log(f"WARNING: config.steps_per_call={config.steps_per_call} never applies: a log, checkpoint, eval or sample "
+        f"step (every {min(cadences)}) falls inside every call of that length, so each call runs one step.")
   start = int(state.step)
   writer = MetricWriter(workdir, resume_step=start)
   bar = progress_bar(start, config.num_steps, progress)
   t0, n_images, reported_skips = time.time(), 0, 0
+  step = start
   try:
-    for step in range(start, config.num_steps):
-      batch = shd.global_batch(next(iterator), exp.mesh)
-      state, metrics = step_fn(state, batch)
-      n_images += config.batch_size
-      done = step + 1
+    while step < config.num_steps:
+      k = _call_length(step, config, cadences)
+      if k == 1:
+        state, metrics = step_fns[1](state, shd.global_batch(next(iterator), exp.mesh))
+      else:
+        local = [next(iterator) for _ in range(k)]
+        batches = shd.global_batch({key: np.stack([b[key] for b in local]) for key in local[0]}, exp.mesh,
+                                   stacked_steps=True)
+        state, metrics = step_fns[k](state, batches)
+      n_images += k * config.batch_size
+      step = done = step + k
       if done % config.log_every == 0 or done == config.num_steps:
         metrics = jax.device_get(metrics)
+        if k > 1:   # stacked per step: the last step's are the ones logged
+          metrics = jax.tree.map(lambda m: m[-1], metrics)
         if int(state.nonfinite_step) >= 0:
           raise FloatingPointError(
               f"non-finite {experiment.describe_nonfinite(state.nonfinite_kind)} at step {int(state.nonfinite_step)} "
@@ -209,8 +244,10 @@ def _loop(state, exp, workdir, mngr, pipe, iterator, scorer, progress, stop_requ
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['img_per_s']:.1f}")
         t0, n_images = time.time(), 0
       if bar is not None:
-        bar.update(1)
-      if stop_requested() or mngr.reached_preemption(done):
+        bar.update(k)
+      # JAX's preemption sync point is a step number, so every step of the call is reported
+      preempted = [mngr.reached_preemption(d) for d in range(done - k + 1, done + 1)]
+      if stop_requested() or any(preempted):
         checkpoint.save_train(mngr, state, _data_state(iterator, pipe), force=True)
         mngr.wait_until_finished()
         log(f"preempted: saved step {done}")

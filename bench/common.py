@@ -166,9 +166,10 @@ class Stepper:
     return metrics["loss"]
 
 
-def build_train_step(config, seed: int = 0, timings: dict | None = None):
+def build_train_step(config, seed: int = 0, timings: dict | None = None, steps_per_call: int = 1):
   """The project's sharded train step for ``config`` on all local devices, with a random subspace
-  of rank ``config.model.rank`` (the basis values do not change the cost) and a synthetic batch.
+  of rank ``config.model.rank`` (the basis values do not change the cost) and a synthetic batch;
+  ``steps_per_call`` K > 1: ``objective.train_steps`` over K copies of that batch.
 
   Returns (compiled step, state, batch, model); ``compiled(state, batch) -> (state, metrics)``
   donates ``state``. ``timings``, if given, receives ``lower_s`` and ``compile_s``.
@@ -180,11 +181,13 @@ def build_train_step(config, seed: int = 0, timings: dict | None = None):
   state = exp.init_state(sub)
   rng = np.random.default_rng(seed)
   b = config.batch_size
-  batch = shd.global_batch(dict(
-      image=rng.uniform(-1, 1, (b, m.input_size, m.input_size, m.in_channels)).astype(np.float32),
-      label=rng.integers(0, m.num_classes, (b,)).astype(np.int32)), mesh)
+  local = dict(image=rng.uniform(-1, 1, (b, m.input_size, m.input_size, m.in_channels)).astype(np.float32),
+               label=rng.integers(0, m.num_classes, (b,)).astype(np.int32))
+  if steps_per_call > 1:
+    local = {k: np.stack([v] * steps_per_call) for k, v in local.items()}
+  batch = shd.global_batch(local, mesh, stacked_steps=steps_per_call > 1)
   t0 = time.perf_counter()
-  lowered = objective.jit_train_step(exp).lower(state, batch)
+  lowered = objective.jit_train_step(exp, steps_per_call).lower(state, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   if timings is not None:

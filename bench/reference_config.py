@@ -15,7 +15,9 @@ eval mode (JiT backbone + AsymFlow recovery), jitted. This file is also a config
 
 ``train_step_os``: the kernel-side cost per train step (system CPU ms, minor page faults) next to the
 size of XLA's per-execution temporary buffer: on CPU each step faults in that buffer afresh
-(bench/README.md, "Where the train step's time goes").
+(bench/README.md, "Where the train step's time goes"). ``train_steps_per_call``: the same step
+run ``--steps_per_call`` K times per device call (``config.steps_per_call``, a ``lax.scan``; timed
+last, per step), which faults that buffer in once per call instead of once per step.
 """
 
 import argparse
@@ -56,6 +58,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--train_batch", type=int, default=16)
   parser.add_argument("--forward_batch", type=int, default=64)
+  parser.add_argument("--steps_per_call", type=int, default=4,
+                      help="also time K train steps per call (objective.train_steps); 1 = only single steps")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, for smoke tests only (the reference numbers use none)")
   args = parser.parse_args()
@@ -69,6 +73,8 @@ def main():
                                            args.warmup + args.reps)
   train_times = common.stats(train_seconds)
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  flops = xla_flops(compiled)   # per step, from the single-step program
+  peak, peak_src = common.peak_flops(None)
 
   b, m = args.forward_batch, config.model
   rng = np.random.default_rng(0)
@@ -81,15 +87,26 @@ def main():
   fwd_times = common.stats(common.time_calls(lambda: fwd_c(params, x, sigma, labels, basis),
                                              warmup=args.warmup, reps=args.reps))
 
-  flops = xla_flops(compiled)
-  peak, peak_src = common.peak_flops(None)
+  # K steps per call (config.steps_per_call), last: the same updates; times and costs per step
+  k = args.steps_per_call
+  multi = None
+  if k > 1:
+    compiled_k, state_k, batch_k, _ = common.build_train_step(config, steps_per_call=k)
+    step_k = common.Stepper(compiled_k, state_k, batch_k)
+    seconds_k, os_k = common.os_cost(lambda: common.time_calls(step_k, warmup=args.warmup, reps=args.reps),
+                                     (args.warmup + args.reps) * k)
+    times_k = common.stats(seconds_k / k)
+    multi = dict(steps_per_call=k, step_ms=times_k["median_ms"], step=times_k,
+                 fraction_of_peak=flops / (times_k["median_ms"] / 1e3) / peak,
+                 img_per_s=args.train_batch / (times_k["median_ms"] / 1e3), os_per_step=os_k)
+
   step_s = train_times["median_ms"] / 1e3
   common.emit(
       "reference_config",
       train_step_ms=train_times["median_ms"], train_img_per_s=args.train_batch / step_s, train_batch=args.train_batch,
       forward_ms=fwd_times["median_ms"], forward_img_per_s=b / (fwd_times["median_ms"] / 1e3), forward_batch=b,
       train_step=train_times, forward=fwd_times,
-      train_step_os=dict(train_os, xla_temp_mib=temp_mib),
+      train_step_os=dict(train_os, xla_temp_mib=temp_mib), train_steps_per_call=multi,
       train_flops_per_step_xla=flops, forward_flops_xla=xla_flops(fwd_c),
       peak_tflops=peak / 1e12, peak_source=peak_src, train_fraction_of_peak=flops / step_s / peak,
       config=dict(input=f"{m.input_size}x{m.input_size}x{m.in_channels}", patch=m.patch_size, hidden=m.hidden_size,

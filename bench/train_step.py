@@ -8,7 +8,9 @@ EMA, i.e. everything the step executes) and, as a cross-check, analytically (3x 
 attention FLOPs of the forward). MFU = FLOPs per step / median step time / peak, with the peak from
 ``--peak_tflops``, the accelerator table in bench/common.py, or on CPU a float32 2048^3 matmul
 measured in the same run (so on CPU "MFU" is a fraction of the measured matmul peak). XLA counts a
-scanned loop body once: with ``model.scan_layers=True`` read ``mfu_analytic``.
+scanned loop body once: with ``model.scan_layers=True`` read ``mfu_analytic``. With
+``--set steps_per_call=K`` each timed call runs K steps (``objective.train_steps``); times, img/s
+and MFU are per step (XLA's count of the scanned K-step program is its one step body).
 """
 
 import argparse
@@ -26,8 +28,9 @@ def main():
   args = parser.parse_args()
 
   config = common.load_config(args.config, args.set)
-  compiled, state, batch, model = common.build_train_step(config)
-  times = common.time_calls(common.Stepper(compiled, state, batch), warmup=args.warmup, reps=args.steps)
+  k = config.steps_per_call
+  compiled, state, batch, model = common.build_train_step(config, steps_per_call=k)
+  times = common.time_calls(common.Stepper(compiled, state, batch), warmup=args.warmup, reps=args.steps) / k
   st = common.stats(times)
   step_s = st["median_ms"] / 1e3
   flops = xla_flops(compiled)
@@ -35,7 +38,7 @@ def main():
   peak, peak_src = common.peak_flops(args.peak_tflops)
   m = config.model
   common.emit(
-      "train_step", img_per_s=config.batch_size / step_s, step=st, batch_size=config.batch_size,
+      "train_step", img_per_s=config.batch_size / step_s, step=st, batch_size=config.batch_size, steps_per_call=k,
       model=dict(input_size=m.input_size, patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
                  num_heads=m.num_heads, bottleneck_dim=m.bottleneck_dim, in_context_len=m.in_context_len,
                  rank=m.rank, dtype=m.dtype, remat=m.remat),

@@ -69,6 +69,7 @@ def _runlocal(c: ml_collections.ConfigDict):
   c.num_steps = 4
   c.warmup_steps = 2
   c.log_every = 1
+  c.steps_per_call = 1          # every step is logged
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.subspace.num_images = 64

@@ -37,7 +37,8 @@ CASES = {
     "profile_step": (["bench/profile_step.py", "--steps=1", "--warmup=1", "--top=3", *TINY_MODEL],
                      ["wall_step_ms", "instruction_ms_per_step", "instructions_seen"]),
     "reference_config": (["bench/reference_config.py", "--reps=1", "--warmup=1", "--train_batch=2",
-                          "--forward_batch=2", *TINY_MODEL[:-2]], ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
+                          "--forward_batch=2", "--steps_per_call=2", *TINY_MODEL[:-2]],
+                         ["train_step_ms", "forward_ms", "train_fraction_of_peak"]),
 }
 
 
@@ -114,3 +115,7 @@ def test_bench_script_prints_one_json_line(name, bench_runs):
     os_cost = rec["train_step_os"]
     assert os_cost["xla_temp_mib"] > 0 and os_cost["user_ms_per_call"] > 0
     assert os_cost["sys_ms_per_call"] >= 0 and os_cost["minor_faults_per_call"] >= 0
+    multi = rec["train_steps_per_call"]   # 2 steps per call, timed and costed per step
+    assert multi["steps_per_call"] == 2 and multi["step_ms"] > 0 and multi["os_per_step"]["user_ms_per_call"] > 0
+    assert multi["fraction_of_peak"] == pytest.approx(
+        rec["train_flops_per_step_xla"] / (multi["step_ms"] / 1e3) / (rec["peak_tflops"] * 1e12), rel=1e-6)

@@ -149,6 +149,10 @@ def test_bad_configs_fail_fast_with_clear_messages():
     config_lib.validate_config(c, num_devices=1)
   c.model.attn_dropout = 0.0
   config_lib.validate_config(c, num_devices=1)   # the fused path without attention dropout is valid
+  c = tiny_train_config()
+  c.steps_per_call = 0
+  with pytest.raises(ValueError, match=r"config.steps_per_call=0: expected an integer >= 1"):
+    config_lib.validate_config(c, num_devices=1)
 
 
 def test_resume_is_exact(tiny_run, tmp_path):
@@ -181,6 +185,67 @@ def test_resume_is_exact(tiny_run, tmp_path):
   assert any(k.startswith("['repa_projector']") for k in straight["params"])
   assert first["loss"] == pytest.approx(first["loss_flow"] + first["loss_repa"], rel=1e-6)
   assert -0.5 <= first["loss_repa"] <= 0.5 and first["loss_repa"] != 0
+
+
+def test_call_lengths_stop_at_every_log_checkpoint_and_the_end():
+  c = tiny_train_config(12)
+  c.steps_per_call, c.log_every, c.checkpoint.every = 3, 5, 10
+  lengths, step = [], 0
+  while step < c.num_steps:
+    lengths.append(trainer._call_length(step, c, [5, 10]))   # pylint: disable=protected-access
+    step += lengths[-1]
+  # calls end at 3; 4, 5 (the log) one step at a time; 8; 9, 10 (log and checkpoint); 11, 12 (no
+  # room for 3 steps before the end)
+  assert lengths == [3, 1, 1, 3, 1, 1, 1, 1]
+  assert [trainer._call_length(s, c, [100]) for s in (0, 8, 9, 10)] == [3, 3, 3, 1]   # pylint: disable=protected-access
+  c.steps_per_call = 1
+  assert trainer._call_length(0, c, [100]) == 1   # pylint: disable=protected-access
+
+
+_STEPS_PER_CALL_TRAIN = """
+import json, os, sys, numpy as np, jax
+from asymflow_jax import objective, trainer
+from tests import train_config
+calls, jit_train_step = [], objective.jit_train_step
+def counted(exp, steps_per_call=1):   # records the steps of every device call the loop makes
+  fn = jit_train_step(exp, steps_per_call)
+  return lambda state, batch: (calls.append(steps_per_call), fn(state, batch))[1]
+objective.jit_train_step = counted
+out = {}
+for k in (1, 3):
+  calls.clear()
+  c = train_config.tiny_train_config(7)
+  c.steps_per_call, c.log_every, c.checkpoint.every, c.sample.num_images = k, 3, 6, 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+  workdir = os.path.join(sys.argv[1], str(k))
+  state = trainer.train(c, workdir, progress=False).state
+  losses = {json.loads(line)["step"]: json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))}
+  out[k] = (losses, [np.asarray(a) for a in jax.tree.leaves(state.params)], int(state.step),
+            sorted(os.listdir(os.path.join(workdir, "checkpoints"))), list(calls))
+(l1, p1, s1, c1, k1), (l3, p3, s3, c3, k3) = out[1], out[3]
+print(json.dumps(dict(devices=jax.device_count(), losses=[l1, l3], steps=[s1, s3], checkpoints=[c1, c3], n=len(p1),
+                      calls=[k1, k3],
+                      rel=max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p1, p3)))))
+"""
+
+
+def test_steps_per_call_trains_like_one_step_per_call(tmp_path):
+  """7 steps on a 2 x 4 mesh with ``steps_per_call=3`` (calls of 3, 3, 1 steps: log every 3,
+  checkpoint at 6 and the end; the stacked batches sharded on their batch axis) give the run of
+  one step per call: the logged losses, checkpoints and final parameters."""
+  proc = subprocess.run([sys.executable, "-c", _STEPS_PER_CALL_TRAIN, str(tmp_path)], env=subprocess_env(8),
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  (l1, l3), n = res["losses"], res["n"]
+  assert res["devices"] == 8 and res["steps"] == [7, 7] and n > 10
+  assert res["checkpoints"] == [["6", "7"], ["6", "7"]]
+  assert res["calls"] == [[1] * 7, [3, 3, 1]]
+  assert sorted(l1) == sorted(l3) == ["3", "6", "7"]
+  for step in l1:
+    assert abs(l1[step] - l3[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l3[step])
+  assert res["rel"] <= 1e-4, res["rel"]
+  assert "never applies" not in proc.stderr
 
 
 def test_eight_devices_match_one(request, tmp_path):

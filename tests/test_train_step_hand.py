@@ -64,6 +64,7 @@ from tests.train_config import tiny_train_config
 from asymflow_jax import checkpoint as _checkpoint, experiment as _experiment, objective as _objective
 TrainState = _experiment.TrainState
 train_step = _objective.train_step              # (state, batch, *, model, config, optimizer)
+train_steps = _objective.train_steps            # K steps in one call: batch leaves (K, B, ...)
 model_from_config = _experiment.model_from_config
 make_optimizer = _experiment.make_optimizer     # only to build the optimizer under test
 checkpoint_manager = _checkpoint.manager        # (workdir, config) -> orbax CheckpointManager
@@ -521,3 +522,43 @@ def test_nonfinite_step_is_skipped_and_not_saved(setup, trajectory, case, tmp_pa
     assert sorted(os.listdir(ckpt)) == [str(int(before.step))]
   finally:
     mngr.close()
+
+
+def test_k_steps_in_one_call_are_k_single_steps(setup, trajectory):
+  """``train_steps`` (config.steps_per_call: a lax.scan over K stacked batches) makes the updates of K
+  single-step calls: the hand-checked four steps, and a NaN batch inside a call skips that step
+  only (the steps after it train on; the record names it)."""
+  s = setup
+  fn = jax.jit(functools.partial(train_steps, model=s.probe, config=s.config, optimizer=s.optimizer))
+  stack = lambda batches: {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
+  final, metrics = fn(s.state0, stack([r["batch"] for r in trajectory]))
+  want = trajectory[-1]["new"]
+  assert int(final.step) == 4 and int(final.nonfinite_step) == -1
+  assert _key_bits(final.rng) == _key_bits(want.rng)
+  for got, ref, what in [(final.params, want.params, "params"), (final.opt_state, want.opt_state, "optimizer"),
+                         (final.ema, want.ema, "ema")]:
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7, err_msg=what)
+  assert np.asarray(metrics["loss"]).shape == (4,)
+  np.testing.assert_allclose(np.asarray(metrics["loss"]), [r["metrics"]["loss"] for r in trajectory], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(metrics["lr"]), [r["metrics"]["lr"] for r in trajectory], rtol=1e-7)
+
+  rng = np.random.default_rng(5)
+  batches = [_batch(rng) for _ in range(4)]
+  image = np.array(batches[1]["image"])
+  image[0, 1, 2, 0] = np.nan
+  batches[1]["image"] = jnp.asarray(image)
+  single = [s.state0]
+  for b in batches:
+    single.append(run_step(s, s.step, single[-1], b)[0])
+  final, metrics = fn(s.state0, stack(batches))
+  nan_loss = np.isnan(np.asarray(metrics["loss"]))
+  assert nan_loss.tolist() == [False, True, False, False]
+  assert int(final.nonfinite_step) == int(single[-1].nonfinite_step) == 2 and int(final.step) == 4
+  assert int(final.nonfinite_kind) == int(single[-1].nonfinite_kind) == 1 | 2 | 4
+  assert _bits(single[2].params) == _bits(single[1].params)   # (the single calls skipped step 2 too)
+  for g, w in zip(jax.tree.leaves((final.params, final.ema)), jax.tree.leaves((single[-1].params, single[-1].ema))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+  # steps 3 and 4 did train: the result is not the state after step 1
+  assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(single[1].params))) > 1e-4

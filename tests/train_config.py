@@ -19,6 +19,7 @@ def tiny_train_config(num_steps: int = 4, repa: bool = False):
   c.num_steps = num_steps
   c.warmup_steps = 2
   c.log_every = 1
+  c.steps_per_call = 1   # every step is logged (tests of steps_per_call set their own)
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.subspace.num_images = 200
