@@ -56,6 +56,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   m.family = "jit"
   m.attention_impl = "einsum"   # einsum (explicit float32 softmax, exact parity) | dot_product_attention
                                 # (jax.nn.dot_product_attention: cuDNN flash attention on GPUs, bf16 operands)
+                                # | splash (the TPU splash-attention kernel; Pallas interpreter on CPU)
   m.text_length = 512           # asymflux2: prompt tokens per example (the klein pipeline's max_sequence_length)
   m.flux2 = ml_collections.ConfigDict(_flux2_fields(flux2.flux2_klein_9b()))
   return m
@@ -383,7 +384,7 @@ def _family_errors(config, training: bool) -> list[str]:
     if text_data and training:
       errors.append(f"config.data.source='t2i' (text-to-image) needs config.model.family='asymflux2', got "
                     f"{m.family!r}.")
-    if m.attention_impl == "dot_product_attention" and m.attn_dropout > 0 and training:
+    if m.attention_impl != "einsum" and m.attn_dropout > 0 and training:
       errors.append(f"config.model.attn_dropout={m.attn_dropout}: dropout on the attention probabilities needs "
                     f"config.model.attention_impl='einsum', got {m.attention_impl!r}.")
     return errors

@@ -434,7 +434,8 @@ def build(config, mesh, *, training: bool) -> Experiment:
   config_lib.validate_config(config, mesh.size, jax.process_count(), training=training, check_files=False)
   model = model_from_config(config)
   scanned = backbone.is_text(model) or config.model.get("scan_layers", False)
-  if scanned and mesh.size > 1:   # keep activations batch-split inside the layer scans
+  splash = config.model.get("attention_impl", "einsum") == "splash"
+  if (scanned or splash) and mesh.size > 1:   # batch-split activations in layer scans; splash runs per shard
     model = model.clone(batch_sharding=shd.batch_sharding(mesh, 3))
   abstract_params, specs = backbone.abstract_params_and_specs(model)
   if finetuning(config):

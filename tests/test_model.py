@@ -19,6 +19,7 @@ from asymflow_jax import asymflow as af
 from asymflow_jax.convert import _conv_patch, torch_state_dict_to_flax
 from asymflow_jax.models import (JiT, abstract_params, apply_projected_init, asymjit_apply, init_params,
                                  jit_config, param_count, param_specs, projected_init_gain, zero_basis)
+from asymflow_jax.models import attention as attention_lib
 from asymflow_jax.models.activations import swiglu
 from asymflow_jax.models.jit_model import JiTBlock, rope_tables_2d, sincos_pos_embed_2d
 
@@ -225,8 +226,58 @@ def test_dot_product_attention_matches_the_einsum_path(monkeypatch):
   with pytest.raises(ValueError, match=r"attn_dropout=0.1: dropout on the attention probabilities needs "
                                        r"attention_impl='einsum'"):
     drop.apply({"params": params}, x, sigma, labels, train=True, rngs={"dropout": jax.random.key(0)})
-  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention'\)"):
+  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention', "
+                                       r"'splash'\)"):
     JiT(model.config, attention_impl="flash").apply({"params": params}, x, sigma, labels)
+
+
+@pytest.mark.parametrize("seq", [68, 128])   # padded to 128 with masked keys / no padding
+def test_splash_attention_matches_softmax_attention_and_its_gradient(seq):
+  """The TPU splash kernel (Pallas interpreter on CPU) against softmax attention written out in
+  float64 NumPy: values, and the gradients of a random projection of the output w.r.t. q, k, v."""
+  rng = np.random.default_rng(seq)
+  b, h, d = 2, 3, 16
+  q, k, v = (rng.standard_normal((b, seq, h, d)) for _ in range(3))
+  cot = rng.standard_normal((b, seq, h * d))
+  got = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, dtype=jnp.float32, impl="splash"))(
+      *(jnp.asarray(t, jnp.float32) for t in (q, k, v)))
+  # float64: p = softmax(q k^T / sqrt d) over keys, o = p v; backward of L = <o, cot>
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  o = np.einsum("bhqk,bkhd->bqhd", p, v)
+  assert got.shape == (b, seq, h * d)
+  np.testing.assert_allclose(np.asarray(got), o.reshape(b, seq, h * d), atol=2e-6)
+  g_o = cot.reshape(b, seq, h, d)
+  g_v = np.einsum("bhqk,bqhd->bkhd", p, g_o)
+  g_p = np.einsum("bqhd,bkhd->bhqk", g_o, v)
+  g_logits = p * (g_p - (g_p * p).sum(-1, keepdims=True))
+  g_q = np.einsum("bhqk,bkhd->bqhd", g_logits, k) / np.sqrt(d)
+  g_k = np.einsum("bhqk,bqhd->bkhd", g_logits, q) / np.sqrt(d)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_lib.attention(q, k, v, dtype=jnp.float32, impl="splash")
+                                                   * cot), argnums=(0, 1, 2)))(
+      *(jnp.asarray(t, jnp.float32) for t in (q, k, v)))
+  for g, want, name in zip(grads, (g_q, g_k, g_v), "qkv"):
+    np.testing.assert_allclose(np.asarray(g), want, atol=5e-6, err_msg=name)
+
+
+def test_splash_attention_in_the_model_matches_the_fixture(monkeypatch):
+  """JiT with attention_impl='splash' against the reference fixture (float32), every block through the
+  kernel; a GPU platform is refused with a pointer to the cuDNN path."""
+  calls = []
+  splash = attention_lib.splash_attention
+  monkeypatch.setattr(attention_lib, "splash_attention", lambda *a, **k: calls.append(a[0].shape) or splash(*a, **k))
+  d = fixture()
+  model, params, _, _ = tiny()
+  x, sigma, labels = inputs()
+  fused = JiT(model.config, attention_impl="splash")
+  assert _rel(jax.jit(lambda p: fused.apply({"params": p}, x, sigma, labels))(params),
+              d["out/u_a_packed_eval_s1"]) <= PARITY_RTOL
+  assert calls == [(6, 64, 4, 16)] + 3 * [(6, 68, 4, 16)]
+  monkeypatch.setattr(attention_lib, "_platform", lambda sharding: "gpu")
+  with pytest.raises(ValueError, match=r"attention_impl='splash' is a TPU kernel \(the devices here are 'gpu'\); "
+                                       r"on GPUs use 'dot_product_attention'"):
+    fused.apply({"params": params}, x, sigma, labels)
 
 
 def test_swiglu_value_and_gradient_against_float64():

@@ -141,7 +141,8 @@ def test_bad_configs_fail_fast_with_clear_messages():
     config_lib.validate_config(c, num_devices=1)
   c = tiny_train_config()
   c.model.attention_impl = "flash"
-  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention'\)"):
+  with pytest.raises(ValueError, match=r"attention_impl='flash': expected one of \('einsum', 'dot_product_attention', "
+                                       r"'splash'\)"):
     config_lib.validate_config(c, num_devices=1)
   c.model.attention_impl, c.model.attn_dropout = "dot_product_attention", 0.1
   with pytest.raises(ValueError, match=r"attn_dropout=0.1: dropout on the attention probabilities needs "
@@ -293,6 +294,41 @@ def test_layer_scan_trains_like_unrolled_on_8_devices(tmp_path):
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   (l0, l1), n = res["losses"], res["n"]
   assert res["devices"] == 8 and len(l0) == len(l1) == 3 and n > 50
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  assert res["rel"] <= 1e-4, res["rel"]
+
+
+_SPLASH_TRAIN = """
+import json, os, sys, numpy as np, jax
+from asymflow_jax import experiment, sharding, trainer
+from tests import train_config
+out = {}
+for impl in ("einsum", "splash"):
+  c = train_config.tiny_train_config(2)
+  c.model.attention_impl, c.sample.num_images = impl, 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2   # batch over 4, the 2 heads over tensor
+  workdir = os.path.join(sys.argv[1], impl)
+  state = trainer.train(c, workdir, progress=False).state
+  losses = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  model = experiment.build(c, sharding.make_mesh(c.mesh), training=True).model
+  out[impl] = (losses, [np.asarray(a) for a in jax.tree.leaves(state.params)], str(getattr(model.batch_sharding, "spec", None)))
+(l0, p0, spec0), (l1, p1, spec) = out["einsum"], out["splash"]
+print(json.dumps(dict(devices=jax.device_count(), losses=[l0, l1], n=len(p0), spec=spec, spec0=spec0,
+                      rel=max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p0, p1)))))
+"""
+
+
+def test_splash_attention_trains_like_einsum_on_a_2x2x2_mesh(tmp_path):
+  """2 train steps of the tiny run on a (data 2, fsdp 2, tensor 2) mesh with the splash kernel
+  (Pallas interpreter; shard_map over the batch and the heads) give the einsum run's losses and parameters."""
+  proc = subprocess.run([sys.executable, "-c", _SPLASH_TRAIN, str(tmp_path)], env=subprocess_env(8), capture_output=True,
+                        text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  (l0, l1), n = res["losses"], res["n"]
+  assert res["devices"] == 8 and len(l0) == len(l1) == 2 and n > 20
+  # the kernel's shard_map batch axes (the unrolled einsum model has none)
+  assert res["spec"] == "P(('data', 'fsdp'), None, None)" and res["spec0"] == "None"
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   assert res["rel"] <= 1e-4, res["rel"]
 

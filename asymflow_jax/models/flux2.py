@@ -313,6 +313,7 @@ class JointAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
+  batch_sharding: Any = None   # "splash": the mesh and batch axes of its shard_map
 
   @nn.compact
   def __call__(self, img, txt, cos, sin):
@@ -333,7 +334,7 @@ class JointAttention(nn.Module):
     q = apply_rope(jnp.concatenate([q_t, q_i], axis=1), cos, sin)
     k = apply_rope(jnp.concatenate([k_t, k_i], axis=1), cos, sin)
     v = jnp.concatenate([v_t, v_i], axis=1)
-    out = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl)
+    out = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl, sharding=self.batch_sharding)
     n_txt = txt.shape[1]
     img_out = _dense(d, ("heads", "embed"), name="to_out", **kw)(out[:, n_txt:])
     txt_out = _dense(d, ("heads", "embed"), name="to_add_out", **kw)(out[:, :n_txt])
@@ -359,7 +360,8 @@ class DoubleStreamBlock(nn.Module):
     csh_a, csc_a, cg_a, csh_f, csc_f, cg_f = jnp.split(mod_txt, 6, axis=-1)
     img_n = _modulate(_layer_norm(img, cfg.eps), sh_a, sc_a).astype(self.dtype)
     txt_n = _modulate(_layer_norm(txt, cfg.eps), csh_a, csc_a).astype(self.dtype)
-    img_attn, txt_attn = JointAttention(cfg, attention_impl=self.attention_impl, name="attn", **kw)(
+    img_attn, txt_attn = JointAttention(cfg, attention_impl=self.attention_impl, batch_sharding=self.batch_sharding, name="attn",
+                                       **kw)(
         img_n, txt_n, cos, sin)
     img = _residual(img, g_a, img_attn, self.dtype)
     img_n = _modulate(_layer_norm(img, cfg.eps), sh_f, sc_f).astype(self.dtype)
@@ -381,6 +383,7 @@ class ParallelSelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "einsum"
+  batch_sharding: Any = None
 
   @nn.compact
   def __call__(self, x, cos, sin):
@@ -392,7 +395,7 @@ class ParallelSelfAttention(nn.Module):
     q, k, v = (h[..., i * d:(i + 1) * d].reshape(shape) for i in range(3))
     q = apply_rope(HeadRMSNorm(cfg.eps, self.param_dtype, name="norm_q")(q), cos, sin)
     k = apply_rope(HeadRMSNorm(cfg.eps, self.param_dtype, name="norm_k")(k), cos, sin)
-    attn = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl)
+    attn = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl, sharding=self.batch_sharding)
     gate, up = h[..., 3 * d:3 * d + m], h[..., 3 * d + m:]
     mlp = (nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
     return _dense(d, ("mlp", "embed"), name="to_out", **kw)(jnp.concatenate([attn, mlp], axis=-1))
@@ -413,7 +416,8 @@ class SingleStreamBlock(nn.Module):
     x = constrain_batch(x, self.batch_sharding)
     shift, scale, gate = jnp.split(mod, 3, axis=-1)
     xn = _modulate(_layer_norm(x, cfg.eps), shift, scale).astype(self.dtype)
-    y = ParallelSelfAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, name="attn")(xn, cos, sin)
+    y = ParallelSelfAttention(cfg, self.dtype, self.param_dtype, self.attention_impl, self.batch_sharding,
+                              name="attn")(xn, cos, sin)
     x = constrain_batch(_residual(x, gate, y, self.dtype), self.batch_sharding)
     self.sow("intermediates", "hidden_states", x, reduce_fn=lambda _, new: new)
     return x, None
@@ -440,7 +444,8 @@ class Flux2Transformer(nn.Module):
     config: a :class:`Flux2Config`.
     dtype: compute dtype of the matmuls (float32 or bfloat16); params stay ``param_dtype``.
     remat: rematerialise every block (``nn.remat`` inside the scans) with ``jax.checkpoint_policies.<remat_policy>``.
-    attention_impl: "einsum" (explicit float32 softmax) or "dot_product_attention" (``jax.nn.dot_product_attention``).
+    attention_impl: "einsum" (explicit float32 softmax), "dot_product_attention" (``jax.nn.dot_product_attention``)
+      or "splash" (the TPU splash kernel, per batch shard of ``batch_sharding``).
     batch_sharding: a NamedSharding whose first spec entry splits the batch (``asymflow_jax.experiment.build``
       sets it on a multi-device mesh): activations are constrained to it at every block boundary.
   """

@@ -311,7 +311,9 @@ class Attention(nn.Module):
   whatever ``dtype`` is; with ``upcast_attention`` (default, as the reference's ImageNet recipe) q, k,
   v and the probabilities are float32 operands too, otherwise ``dtype`` operands with float32
   accumulation. ``"dot_product_attention"``: ``jax.nn.dot_product_attention`` on ``dtype`` operands
-  (cuDNN flash attention on GPUs in bf16); it has no dropout on the probabilities.
+  (cuDNN flash attention on GPUs in bf16). ``"splash"``: the TPU splash kernel
+  (:func:`attention.splash_attention`, per batch shard of ``batch_sharding``). Neither has dropout
+  on the probabilities.
   """
 
   config: JiTConfig
@@ -319,6 +321,7 @@ class Attention(nn.Module):
   attn_dropout_rate: float = 0.0
   upcast_attention: bool = True
   attention_impl: str = "einsum"
+  batch_sharding: Any = None   # "splash": the mesh and batch axes of its shard_map
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -347,7 +350,7 @@ class Attention(nn.Module):
       if self.attn_dropout_rate > 0 and not deterministic:
         raise ValueError(f"attn_dropout={self.attn_dropout_rate}: dropout on the attention probabilities needs "
                          f"attention_impl='einsum', got {self.attention_impl!r}.")
-      out = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl)
+      out = attention(q, k, v, dtype=self.dtype, impl=self.attention_impl, sharding=self.batch_sharding)
     out = _dense(cfg.hidden_size, ("heads", "embed"), name="proj", **kw)(out)
     return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
@@ -380,6 +383,7 @@ class JiTBlock(nn.Module):
   dropout: bool = False
   upcast_attention: bool = True
   attention_impl: str = "einsum"
+  batch_sharding: Any = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -394,7 +398,7 @@ class JiTBlock(nn.Module):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = _modulate(RMSNorm(name="norm1", **kw)(x), shift_msa, scale_msa)
     h = Attention(cfg, dropout_rate=proj_rate, attn_dropout_rate=attn_rate, upcast_attention=self.upcast_attention,
-                  attention_impl=self.attention_impl, name="attn", **kw)(
+                  attention_impl=self.attention_impl, batch_sharding=self.batch_sharding, name="attn", **kw)(
         h, cos, sin, deterministic)
     x = x + gate_msa[:, None, :] * h
     h = _modulate(RMSNorm(name="norm2", **kw)(x), shift_mlp, scale_mlp)
@@ -435,7 +439,7 @@ class JiT(nn.Module):
     dtype: compute dtype (float32 or bfloat16); params stay ``param_dtype``.
     remat: wrap every block in ``nn.remat`` with ``jax.checkpoint_policies.<remat_policy>``.
     upcast_attention: float32 q/k/v operands in attention (logits/softmax are float32 regardless).
-    attention_impl: "einsum" (exact parity) or "dot_product_attention" (see :class:`Attention`).
+    attention_impl: "einsum" (exact parity), "dot_product_attention" or "splash" (see :class:`Attention`).
     scan_layers: run each run of identical blocks (:meth:`JiTConfig.block_segments`) as one
       ``jax.lax.scan`` over its blocks' stacked variables (with ``remat``: the checkpointed block is
       the scan body), so the compiler sees each distinct block once. The parameter tree is the
@@ -444,9 +448,10 @@ class JiT(nn.Module):
       they are). Same values as unrolled, except that dropout draws its masks from per-block splits
       of the step's key rather than from Flax's per-module streams.
     batch_sharding: a NamedSharding whose first spec entry splits the batch (``experiment.build`` sets
-      it for scanned models on a multi-device mesh): the scanned blocks' activations are constrained to
-      it at every block boundary (without it XLA:TPU replicates them inside the loop: ~1 TiB of
-      temporaries per chip for H/16 on v5p-64).
+      it for scanned models and for ``attention_impl="splash"`` on a multi-device mesh): the scanned
+      blocks' activations are constrained to it at every block boundary (without it XLA:TPU
+      replicates them inside the loop: ~1 TiB of temporaries per chip for H/16 on v5p-64), and the
+      splash kernel runs per shard of it.
   """
 
   config: JiTConfig
@@ -516,8 +521,8 @@ class JiT(nn.Module):
     return out if features_after is None else (out, features)
 
   def _block_kw(self) -> dict:
-    return dict(upcast_attention=self.upcast_attention, attention_impl=self.attention_impl, dtype=self.dtype,
-                param_dtype=self.param_dtype)
+    return dict(upcast_attention=self.upcast_attention, attention_impl=self.attention_impl,
+                batch_sharding=self.batch_sharding, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def _scan_blocks(self, x, c, cos, sin, start: int, stop: int, deterministic: bool):
     """Blocks start..stop-1 (identical but for their variables) as one lax.scan over their stacked
