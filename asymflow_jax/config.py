@@ -157,6 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.vr.lpips_weight = 1.0       # 0 = no LPIPS term
   c.vr.lpips_net = "vgg"
   c.vr.lpips_samples = 0        # LPIPS on the first n samples of the batch only (0 = all, the reference)
+  c.vr.lpips_chunks = 1         # LPIPS over the n samples in this many slices, one after another, each
+                                # recomputed in the backward: ~1/chunks of its activation memory, same values
   c.vr.coef_eps = 1e-4          # vr coefficient denominator floor
   c.vr.teacher_sigma_min = 1e-4  # the frozen teacher's (eval-mode) recovery clamp
   # finetuning from a base workdir (converted or lifted weights); '' = train every parameter
@@ -282,6 +284,11 @@ def _numeric_errors(c) -> list[str]:
   v = c.vr
   _check(e, pos_int(v.latent_patch_size), "vr.latent_patch_size", v.latent_patch_size, "an integer >= 1")
   _check(e, nonneg_int(v.lpips_samples), "vr.lpips_samples", v.lpips_samples, "an integer >= 0 (0 = all)")
+  _check(e, pos_int(v.lpips_chunks), "vr.lpips_chunks", v.lpips_chunks, "an integer >= 1")
+  if pos_int(v.lpips_chunks) and nonneg_int(v.lpips_samples) and pos_int(c.batch_size):
+    n = min(v.lpips_samples, c.batch_size) if v.lpips_samples else c.batch_size
+    _check(e, n % v.lpips_chunks == 0, "vr.lpips_chunks", v.lpips_chunks,
+           f"a divisor of the {n} samples LPIPS sees (batch_size / vr.lpips_samples)")
   _check(e, v.lpips_net == "vgg", "vr.lpips_net", v.lpips_net, "'vgg' (the reference's LPIPS network)")
   for field in ("loss_shift", "mse_weight", "lpips_weight"):
     _check(e, finite(v[field]) and v[field] >= 0, f"vr.{field}", v[field], "a finite number >= 0")

@@ -127,12 +127,29 @@ def vr_loss(params, batch, key, basis, scale, *, model, config, frozen):
   if v.lpips_weight > 0:
     n = b if not v.lpips_samples else min(v.lpips_samples, b)   # an unbiased estimate on the first n samples
     pred_rgb = _lpips_rgb(colorspace.decode(x0_hat[:n], space))
-    dist = lpips.lpips_spatial(frozen["lpips"], pred_rgb, _lpips_rgb(rgb0[:n]))        # (n, H, W)
+    dist = map_in_slices(functools.partial(lpips.lpips_spatial, frozen["lpips"]), v.lpips_chunks,
+                         pred_rgb, _lpips_rgb(rgb0[:n]))        # (n, H, W)
     weight = af.vr_gate(coef[:n], p) * (rho[:n] * inv_sc2[:n])[..., 0]
     per_lpips = v.lpips_weight * jnp.mean(dist * weight, axis=(1, 2))
     aux["loss_lpips"] = jnp.mean(per_lpips)
     per_sample = per_sample.at[:n].add(per_lpips * (b / n))
   return jnp.mean(per_sample), dict(per_sample=per_sample, sigma=sigma, **aux)
+
+
+def map_in_slices(fn, slices: int, *args):
+  """``fn(*args)`` for a function that maps each sample (leading axis) on its own, computed over
+  ``slices`` slices of the samples one after another (``lax.map``), each recomputed in the backward
+  (``jax.checkpoint``): the activation memory of one slice instead of all. Slice j holds samples
+  j, j + slices, j + 2 slices, ...: with the batch split over devices in contiguous blocks of a
+  multiple of ``slices``, every slice keeps every device busy. ``slices`` 1: ``fn(*args)``."""
+  if slices == 1:
+    return fn(*args)
+  n = args[0].shape[0]
+  if n % slices:
+    raise ValueError(f"{n} samples cannot be cut into {slices} equal slices.")
+  split = lambda a: jnp.swapaxes(a.reshape(n // slices, slices, *a.shape[1:]), 0, 1)
+  out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(a) for a in args))
+  return jnp.swapaxes(out, 0, 1).reshape(n, *out.shape[2:])
 
 
 def _lpips_rgb(images):

@@ -411,3 +411,44 @@ def test_config_validation_names_each_finetuning_mistake(tmp_path):
   c.finetune.trainable = ("x_embeder",)
   with pytest.raises(ValueError, match="trainable pattern 'x_embeder' matches no parameter"):
     _experiment(c)
+
+
+def test_map_in_slices_keeps_each_sample_with_its_own_result():
+  # slice j holds samples j, j + 3, ...; the result of sample i lands at i, values and gradients as unsliced
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2, 3)), jnp.float32)
+  y = jnp.arange(6.0)[:, None, None] * jnp.ones((6, 2, 3))
+  fn = lambda a, b: jnp.sin(a) * b + jnp.sum(a ** 2, axis=(1, 2), keepdims=True)   # per sample
+  got = objective.map_in_slices(fn, 3, x, y)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(fn(x, y)), rtol=1e-6)
+  g = jax.grad(lambda a: jnp.sum(objective.map_in_slices(fn, 3, a, y) ** 2))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(lambda a: jnp.sum(fn(a, y) ** 2))(x)), rtol=1e-5)
+  with pytest.raises(ValueError, match="6 samples cannot be cut into 4 equal slices"):
+    objective.map_in_slices(fn, 4, x, y)
+
+
+def test_lpips_in_slices_gives_the_same_loss_and_gradient(setup):
+  """vr.lpips_chunks = 2 (LPIPS on samples {0, 2} then {1, 3}, each recomputed in the backward)
+  against all 4 at once: the same loss terms and gradient."""
+  base, basis, batch = setup
+  out = {}
+  for chunks in (1, 2):
+    config = lift_config(lpips_weight=0.7, lpips_samples=0)
+    config.vr.lpips_chunks = chunks
+    exp = _experiment(config)
+    trained = _random_tree(experiment.init_trained(config, base, jax.random.key(3)), jax.random.key(4), 0.05)
+    frozen = experiment.frozen_networks(config, base)
+    fn = lambda t, f, exp=exp, config=config: objective.vr_loss(t, batch, jax.random.key(11), jnp.asarray(basis),
+                                                                jnp.float32(SCALE), model=exp.model, config=config,
+                                                                frozen=f)
+    (loss, aux), grads = jax.jit(jax.value_and_grad(fn, has_aux=True),
+                                 compiler_options={"xla_backend_optimization_level": 2})(trained, frozen)
+    out[chunks] = (float(loss), float(aux["loss_lpips"]), jax.tree.leaves(grads))
+  (l1, p1, g1), (l2, p2, g2) = out[1], out[2]
+  assert p1 > 1e-3 * l1
+  np.testing.assert_allclose([l2, p2], [l1, p1], rtol=1e-5)
+  for a, b in zip(g2, g1):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  config = lift_config(lpips_weight=0.7, lpips_samples=3)
+  config.vr.lpips_chunks = 2
+  with pytest.raises(ValueError, match=r"config.vr.lpips_chunks=2: expected a divisor of the 3 samples LPIPS sees"):
+    config_lib.validate_config(config, num_devices=1)

@@ -16,7 +16,6 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ("einsum", "dot_product_attention", "splash")
@@ -66,6 +65,7 @@ def splash_attention(q, k, v, *, sharding=None, interpret: bool | None = None):
   batch) and heads over ``tensor`` when it divides them; without it, on one device. ``interpret`` (default: unless the devices are TPUs) runs the Pallas
   interpreter, which is exact but slow: for tests on CPU. No dropout on the probabilities.
   """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib   # pylint: disable=import-outside-toplevel
   platform = _platform(sharding)
   if platform not in ("tpu", "cpu"):
     raise ValueError(f"attention_impl='splash' is a TPU kernel (the devices here are {platform!r}); on GPUs use "
