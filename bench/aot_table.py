@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_RECIPES = ("v4-32", "v5e-64", "v5p-32", "v5p-64", "v6e-64")   # configs/common.py MESH_RECIPES (TPU ones)
 RUNS = [(f"configs/imagenet256_{m}.py:{r}", r) for m in ("b16", "l16", "h16", "h16_repa") for r in IMAGENET_RECIPES]
 RUNS += [("configs/asymflux2_klein.py:v5p-128", "v5p-128"),
-         ("configs/asymflux2_klein.py", "v5p-64")]   # why klein has no v5p-64 recipe: the default mesh (FSDP) there
+         ("configs/asymflux2_klein.py:v5p-64", "v5p-64"),   # LPIPS in 8 slices
+         ("configs/asymflux2_klein.py", "v5p-64")]   # the default mesh there: LPIPS all at once does not fit
 
 
 def _name(config: str, topology: str) -> str:

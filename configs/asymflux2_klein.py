@@ -39,8 +39,10 @@ LORA_TARGETS = ("ff/linear_in", "ff/linear_out", "ff_context/linear_in", "ff_con
 MESH_RECIPES = {
     # v5p slice names count TensorCores, two per chip, and JAX sees one (megacore) device per chip
     "v5p-128": (1, 64, 1),    # 64 chips, 95 GiB HBM each: 4 images per chip (53.5 GiB peak, AOT-compiled)
-    # no v5p-64 (32 chips, 8 images per chip): 105.5 GiB per chip with the einsum attention, AOT-compiled
-    # (launch/README.md); it needs a fused TPU attention kernel or --config.batch_size=128
+    # 32 chips, 8 images per chip, LPIPS in 8 slices (one image per chip at a time): 74.6 GiB per chip
+    # AOT-compiled, 31.1 GiB with --config.model.attention_impl=splash (all at once: 105.5 GiB, set by
+    # LPIPS's VGG16 at 1024^2; launch/README.md)
+    "v5p-64": (1, 32, 1),
     "h100x32": (4, 8, 1),     # 4 nodes x 8 H100 (80 GB): FSDP inside a node, data across nodes; cuDNN flash attention
     "cpu-8": (1, 8, 1),       # the fake 8-device CPU mesh of the lowering test
 }
@@ -88,4 +90,6 @@ def get_config(arg: str | None = None):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESH_RECIPES[token]
     if token.startswith("h100"):
       c.model.attention_impl = "dot_product_attention"   # 8 images x 4608 tokens per GPU need the fused kernel
+    if token == "v5p-64":
+      c.vr.lpips_chunks = 8
   return c

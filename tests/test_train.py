@@ -413,6 +413,10 @@ def test_mesh_recipes_and_config_args():
   assert small.num_steps == 4 and small.batch_size == 8
   with pytest.raises(ValueError, match=r"unknown config argument 'v9-9'"):
     default.get_config("v9-9")
+  from configs import asymflux2_klein  # noqa: PLC0415
+  k = asymflux2_klein.get_config("v5p-64")   # LPIPS one image per chip at a time (launch/README.md)
+  assert (k.mesh.data, k.mesh.fsdp, k.vr.lpips_chunks, k.batch_size) == (1, 32, 8, 256)
+  assert asymflux2_klein.get_config("v5p-128").vr.lpips_chunks == 1
   # the paper's batch divides every recipe's data x fsdp on its slice
   for devices, recipe in [(16, "v4-32"), (64, "v5e-64"), (16, "v5p-32"), (32, "v5p-64"), (64, "v6e-64"), (16, "h100")]:
     c = imagenet256_h16.get_config(recipe)
