@@ -5,7 +5,9 @@
 Order of work: validate the config and every file it names; compare it with the workdir's stored
 config (a structural change stops here, before anything is written); build the sharded experiment;
 restore the newest checkpoint that verifies (or make the subspace and a fresh state); then per
-step: global batch -> jitted ``train_step`` -> metrics, checkpoints, samples, evaluation.
+device call (one step, or ``config.steps_per_call`` steps between log/checkpoint/eval/sample
+steps): global batch(es) -> jitted ``train_step`` (``train_steps``) -> metrics, checkpoints,
+samples, evaluation.
 
 Faults: any exception or Ctrl-C inside the loop first waits for the in-flight async checkpoint and
 closes the checkpoint manager, then propagates unchanged, so no finished checkpoint is lost and

@@ -65,7 +65,10 @@ TARGETS = {
         "tests/test_train.py::test_sigma_sampler_and_schedule", "tests/test_train.py::test_flow_loss_matches_direct_formula",
         "tests/test_repa.py::test_repa_gradient_reaches_the_blocks_up_to_its_block_and_the_projector_only",
         "tests/test_train.py::test_loss_by_sigma_buckets_at_their_edges",
-        "tests/test_asymflux2.py::test_t2i_batch_spec_and_shardings"), 480),
+        "tests/test_asymflux2.py::test_t2i_batch_spec_and_shardings",
+        "tests/test_finetune.py::test_map_in_slices_keeps_each_sample_with_its_own_result",
+        "tests/test_finetune.py::test_lpips_in_slices_gives_the_same_loss_and_gradient",
+        "tests/test_train.py::test_steps_per_call_trains_like_one_step_per_call"), 480),
     "sampling": Target("asymflow_jax/sampling.py", ("tests/test_sampling.py",), 300),
     "subspace": Target("asymflow_jax/subspace/__init__.py", ("tests/test_subspace.py",), 300),
     "checkpoint": Target("asymflow_jax/checkpoint.py", (
