@@ -35,6 +35,15 @@ def _run_worker(workdir, steps, out, devices, mesh="1,-1,1"):
   return dict(np.load(out))
 
 
+def _run_on_8_devices(script: str, tmp_path) -> dict:
+  """Runs ``script`` (python -c, argv[1] = tmp_path) with 8 fake CPU devices: the JSON of its last
+  stdout line, plus its stderr."""
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=subprocess_env(8), capture_output=True,
+                        text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), stderr=proc.stderr)
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -234,10 +243,7 @@ def test_steps_per_call_trains_like_one_step_per_call(tmp_path):
   """7 steps on a 2 x 4 mesh with ``steps_per_call=3`` (calls of 3, 3, 1 steps: log every 3,
   checkpoint at 6 and the end; the stacked batches sharded on their batch axis) give the run of
   one step per call: the logged losses, checkpoints and final parameters."""
-  proc = subprocess.run([sys.executable, "-c", _STEPS_PER_CALL_TRAIN, str(tmp_path)], env=subprocess_env(8),
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  res = _run_on_8_devices(_STEPS_PER_CALL_TRAIN, tmp_path)
   (l1, l3), n = res["losses"], res["n"]
   assert res["devices"] == 8 and res["steps"] == [7, 7] and n > 10
   assert res["checkpoints"] == [["6", "7"], ["6", "7"]]
@@ -246,7 +252,7 @@ def test_steps_per_call_trains_like_one_step_per_call(tmp_path):
   for step in l1:
     assert abs(l1[step] - l3[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l3[step])
   assert res["rel"] <= 1e-4, res["rel"]
-  assert "never applies" not in proc.stderr
+  assert "never applies" not in res["stderr"]
 
 
 def test_eight_devices_match_one(request, tmp_path):
@@ -288,10 +294,7 @@ print(json.dumps(dict(devices=jax.device_count(), losses=[l0, l1], n=len(p0),
 def test_layer_scan_trains_like_unrolled_on_8_devices(tmp_path):
   """3 steps of the tiny REPA run (depth 6) on a 2 x 4 mesh: the scanned backbone (batch-sharding
   constraints inside the loop) gives the unrolled run's losses and parameters."""
-  proc = subprocess.run([sys.executable, "-c", _SCAN_TRAIN, str(tmp_path)], env=subprocess_env(8), capture_output=True,
-                        text=True, timeout=600, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  res = _run_on_8_devices(_SCAN_TRAIN, tmp_path)
   (l0, l1), n = res["losses"], res["n"]
   assert res["devices"] == 8 and len(l0) == len(l1) == 3 and n > 50
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
@@ -321,10 +324,7 @@ print(json.dumps(dict(devices=jax.device_count(), losses=[l0, l1], n=len(p0), sp
 def test_splash_attention_trains_like_einsum_on_a_2x2x2_mesh(tmp_path):
   """2 train steps of the tiny run on a (data 2, fsdp 2, tensor 2) mesh with the splash kernel
   (Pallas interpreter; shard_map over the batch and the heads) give the einsum run's losses and parameters."""
-  proc = subprocess.run([sys.executable, "-c", _SPLASH_TRAIN, str(tmp_path)], env=subprocess_env(8), capture_output=True,
-                        text=True, timeout=600, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  res = _run_on_8_devices(_SPLASH_TRAIN, tmp_path)
   (l0, l1), n = res["losses"], res["n"]
   assert res["devices"] == 8 and len(l0) == len(l1) == 2 and n > 20
   # the kernel's shard_map batch axes (the unrolled einsum model has none)
