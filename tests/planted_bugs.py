@@ -125,6 +125,22 @@ BUGS += (
 )
 
 
+# Mutants of subspace/__init__.py that survived its first mutation run, killed by tests added for them.
+SUBSPACE = "tests/test_subspace.py::"
+SUB = "asymflow_jax/subspace/__init__.py"
+BUGS += (
+    Bug("mut_sign_fold", "random_subspace folds R's signs into Q only where diag(R) < -1 (< 0 -> < -1)", SUB,
+        "np.where(np.diag(r) < 0, -1.0, 1.0)", "np.where(np.diag(r) < -1, -1.0, 1.0)",
+        (SUBSPACE + "test_random_subspace_folds_the_signs_of_r_into_q",)),
+    Bug("mut_full_rank", "a full-rank subspace (r = D) is refused (rank <= dim -> rank < dim)", SUB,
+        "not 0 <= rank <= dim:", "not 0 <= rank < dim:", (SUBSPACE + "test_random_subspace_folds_the_signs_of_r_into_q",)),
+    Bug("mut_nchw_one_channel", "single-channel NCHW images are not transposed to NHWC ((1, 3, 4) -> (2, 3, 4))", SUB,
+        "if arr.shape[1] in (1, 3, 4) and", "if arr.shape[1] in (2, 3, 4) and",
+        (SUBSPACE + "test_load_image_array_layouts_keys_and_ranges",)),
+    Bug("mut_procrustes_count", "the Procrustes token count starts at -1 (count = 0 -> -1)", SUB,
+        "  count: int = 0\n", "  count: int = -1\n", (SUBSPACE + "test_procrustes_stats_sums_counts_and_shape_errors",)),
+)
+
 def copy_repo(dest: pathlib.Path):
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.splitlines()
