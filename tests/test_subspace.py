@@ -354,3 +354,18 @@ def test_iterate_batches_subsets_and_model_space():
     assert subset == sum(indices(sub.iterate_batches(arrays, 3, num=3, seed=seed)), [])  # reproducible
     subsets[seed] = subset
   assert subsets[1] != subsets[3] and [0, 1, 2] not in subsets.values()  # the seed picks a random subset
+
+
+def test_bad_inputs_found_by_the_mutation_run_are_refused(tmp_path):
+  # (reported by the subspace mutation session: these used to pass silently)
+  with pytest.raises(ValueError, match=r"patch_size must be an integer, got 2.5"):
+    sub.Subspace(basis=np.eye(12)[:, :2], patch_size=2.5)
+  assert sub.Subspace(basis=np.eye(12)[:, :2], patch_size=np.int64(2)).patch_size == 2
+  images = np.full((2, 4, 4, 1), 0.5, np.float32)
+  images[1, 2, 3, 0], images[0, 0, 0, 0] = np.nan, np.inf
+  np.save(tmp_path / "bad.npy", images)
+  with pytest.raises(ValueError, match=r"hold 2 non-finite values \(NaN or inf\); expected values in \[0, 1\]"):
+    sub.load_image_array(str(tmp_path / "bad.npy"))
+  q = np.linalg.qr(np.random.default_rng(0).standard_normal((12, 4)))[0]
+  with pytest.raises(ValueError, match=r"the latents have no energy \(sum of \|z\|\^2 = 0.0\)"):
+    sub.procrustes_basis(np.zeros((4, 12)), q @ q.T, 0.0)

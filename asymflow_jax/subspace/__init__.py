@@ -69,6 +69,8 @@ class Subspace:
     asymflow.check_basis(basis)
     d = basis.shape[0]
     p = int(self.patch_size)
+    if p != self.patch_size:
+      raise ValueError(f"patch_size must be an integer, got {self.patch_size!r}.")
     if p < 1 or d % (p * p):
       raise ValueError(f"basis dimension D={d} is not p*p*C for patch_size={self.patch_size}.")
     if self.packing not in PACKINGS:
@@ -264,8 +266,11 @@ def procrustes_basis(cross: np.ndarray, pixel_gram: np.ndarray, latent_norm_sq: 
     raise ValueError(f"pixel_gram must have shape ({big_d}, {big_d}), got {pixel_gram.shape}.")
   a, _, bt = np.linalg.svd(cross, full_matrices=False)
   u = bt[:d].T @ a[:, :d].T
+  if not latent_norm_sq > 1e-12:
+    raise ValueError(f"the latents have no energy (sum of |z|^2 = {latent_norm_sq!r}): the Procrustes scale "
+                     "||U^T x|| / ||z|| is undefined; check the latents passed in.")
   energy = np.trace(u.T @ pixel_gram @ u)
-  scale = float(np.sqrt(max(energy / max(latent_norm_sq, 1e-12), 1e-12)))
+  scale = float(np.sqrt(max(energy / latent_norm_sq, 1e-12)))
   return u.astype(np.float32), scale
 
 
@@ -336,6 +341,9 @@ def load_image_array(path: str, key: str | None = None) -> np.ndarray:
   if arr.dtype == np.uint8:
     return arr.astype(np.float32) / 255.0
   arr = arr.astype(np.float32)
+  if not np.isfinite(arr).all():
+    raise ValueError(f"float images in {path!r} hold {int(np.sum(~np.isfinite(arr)))} non-finite values (NaN or "
+                     "inf); expected values in [0, 1].")
   if arr.min() < 0 or arr.max() > 1:
     raise ValueError(f"float images in {path!r} must lie in [0, 1], got range [{arr.min():.3g}, {arr.max():.3g}].")
   return arr
