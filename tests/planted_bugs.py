@@ -141,6 +141,24 @@ BUGS += (
         "  count: int = 0\n", "  count: int = -1\n", (SUBSPACE + "test_procrustes_stats_sums_counts_and_shape_errors",)),
 )
 
+# The performance issue's features (2026-12-07): K steps per call, the splash kernel, LPIPS in slices.
+BUGS += (
+    Bug("k_steps_reversed", "K steps per call run their batches last to first", "asymflow_jax/objective.py",
+        "return jax.lax.scan(step, state, batches)", "return jax.lax.scan(step, state, batches, reverse=True)",
+        (HAND + "::test_k_steps_in_one_call_are_k_single_steps",)),
+    Bug("call_skips_an_event", "a K-step call may pass over an event at its second step", "asymflow_jax/trainer.py",
+        "inside = range(step + 1, step + k)", "inside = range(step + 2, step + k)",
+        ("tests/test_train.py::test_call_lengths_stop_at_every_log_checkpoint_and_the_end",)),
+    Bug("splash_attends_a_pad_key", "the splash kernel attends the first padded key (>= s -> > s)",
+        "asymflow_jax/models/attention.py", "segment = jnp.asarray((np.arange(padded) >= s)",
+        "segment = jnp.asarray((np.arange(padded) > s)",
+        ("tests/test_model.py::test_splash_attention_matches_softmax_attention_and_its_gradient",)),
+    Bug("lpips_slices_shuffled", "LPIPS slices put back in the wrong sample order", "asymflow_jax/objective.py",
+        "return jnp.swapaxes(out, 0, 1).reshape(n, *out.shape[2:])", "return out.reshape(n, *out.shape[2:])",
+        ("tests/test_finetune.py::test_map_in_slices_keeps_each_sample_with_its_own_result",)),
+)
+
+
 def copy_repo(dest: pathlib.Path):
   files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.splitlines()
