@@ -141,6 +141,13 @@ BUGS += (
         "  count: int = 0\n", "  count: int = -1\n", (SUBSPACE + "test_procrustes_stats_sums_counts_and_shape_errors",)),
 )
 
+# sampling.py's open gap of its mutation run (line 139), killed 2026-12-07.
+BUGS += (
+    Bug("mut_velocity_train", "the inference velocity runs the model in train mode", "asymflow_jax/sampling.py",
+        "scale=scale, sigma_min=sigma_min, train=False)", "scale=scale, sigma_min=sigma_min, train=True)",
+        ("tests/test_sampling.py::test_velocity_fn_runs_a_model_with_dropout_in_eval_mode",)),
+)
+
 # The performance issue's features (2026-12-07): K steps per call, the splash kernel, LPIPS in slices.
 BUGS += (
     Bug("k_steps_reversed", "K steps per call run their batches last to first", "asymflow_jax/objective.py",

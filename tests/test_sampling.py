@@ -240,3 +240,26 @@ def test_generate_on_mesh_and_from_config_compose_the_sampler_pieces():
     with pytest.raises(ValueError, match=r"must be finite"):
       sampling.generate_on_mesh(model, params, basis, 1.0, mesh, 0, 3, seed=7, guidance=guidance, interval=interval,
                                 num_steps=2)
+
+
+def test_velocity_fn_runs_a_model_with_dropout_in_eval_mode():
+  """``asymjit_velocity_fn`` is the inference velocity: a model with dropout (blocks 1-2 of the tiny
+  preset) runs deterministically, without a dropout key, and gives the eval-mode forward."""
+  from asymflow_jax import asymflow as af  # noqa: PLC0415
+  from asymflow_jax.models import JiT, asymjit, jit_config  # noqa: PLC0415
+  model = JiT(jit_config("tiny", proj_dropout=0.5, attn_dropout=0.5))
+  assert model.config.dropout_active(1)
+  basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((48, 4)))[0], jnp.float32)
+  params = jax.jit(lambda b: asymjit.init_params(model, jax.random.key(0), b))(basis)
+  rng = np.random.default_rng(2)   # every parameter non-zero: the init zeroes the gates and output layers
+  params = jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(np.float32)),
+                        params)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
+  sigma, labels = jnp.asarray([0.3, 0.9], jnp.float32), jnp.asarray([1, 10], jnp.int32)
+  fn = sampling.asymjit_velocity_fn(model, params, basis, 1.0)
+  got = np.asarray(fn(x, sigma, labels))
+  want = asymjit.asymjit_apply(model, params, x, sigma, labels, basis, sigma_min=af.EVAL_SIGMA_MIN, train=False)
+  np.testing.assert_array_equal(got, np.asarray(want))
+  train = asymjit.asymjit_apply(model, params, x, sigma, labels, basis, sigma_min=af.EVAL_SIGMA_MIN, train=True,
+                                rngs={"dropout": jax.random.key(1)})
+  assert np.abs(np.asarray(train) - got).max() > 1e-3   # dropout would change it
