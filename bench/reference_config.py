@@ -66,12 +66,17 @@ def main():
 
   config = common.apply_overrides(get_config(), args.set)
   config.batch_size = args.train_batch
-  compiled, state, batch, model = common.build_train_step(config)
-  step = common.Stepper(compiled, state, batch)
-  # the kernel-side cost is read around the same timed calls (warm-ups included: compiled already)
-  train_seconds, train_os = common.os_cost(lambda: common.time_calls(step, warmup=args.warmup, reps=args.reps),
-                                           args.warmup + args.reps)
-  train_times = common.stats(train_seconds)
+
+  def time_train(k: int):
+    """(compiled, stepper, model, per-step time stats, kernel-side cost per step) of the train step run
+    k steps per call; the cost is read around the same timed calls (warm-ups included: compiled already)."""
+    compiled, state, batch, model = common.build_train_step(config, steps_per_call=k)
+    step = common.Stepper(compiled, state, batch)
+    seconds, cost = common.os_cost(lambda: common.time_calls(step, warmup=args.warmup, reps=args.reps),
+                                   (args.warmup + args.reps) * k)
+    return compiled, step, model, common.stats(seconds / k), cost
+
+  compiled, step, model, train_times, train_os = time_train(1)
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
   flops = xla_flops(compiled)   # per step, from the single-step program
   peak, peak_src = common.peak_flops(None)
@@ -91,11 +96,7 @@ def main():
   k = args.steps_per_call
   multi = None
   if k > 1:
-    compiled_k, state_k, batch_k, _ = common.build_train_step(config, steps_per_call=k)
-    step_k = common.Stepper(compiled_k, state_k, batch_k)
-    seconds_k, os_k = common.os_cost(lambda: common.time_calls(step_k, warmup=args.warmup, reps=args.reps),
-                                     (args.warmup + args.reps) * k)
-    times_k = common.stats(seconds_k / k)
+    _, _, _, times_k, os_k = time_train(k)
     multi = dict(steps_per_call=k, step_ms=times_k["median_ms"], step=times_k,
                  fraction_of_peak=flops / (times_k["median_ms"] / 1e3) / peak,
                  img_per_s=args.train_batch / (times_k["median_ms"] / 1e3), os_per_step=os_k)

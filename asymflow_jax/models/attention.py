@@ -10,13 +10,13 @@ tests only).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from asymflow_jax import sharding as shd
 
 IMPLS = ("einsum", "dot_product_attention", "splash")
 SPLASH_ALIGN = 128   # the kernel's sequence tiling: S is padded to a multiple of this
@@ -92,12 +92,8 @@ def splash_attention(q, k, v, *, sharding=None, interpret: bool | None = None):
   q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)   # the kernel applies no scale
   q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
   if sharding is not None and sharding.mesh.size > 1:
-    mesh, batch_axes = sharding.mesh, sharding.spec[0]
-    names = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    if b % math.prod(mesh.shape[n] for n in names):   # e.g. the batch of 1 that initialises the model
-      batch_axes = None
-    tensor = mesh.shape.get("tensor", 1)
-    spec = P(batch_axes, "tensor" if tensor > 1 and h % tensor == 0 else None, None, None)
-    local = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    # axes that do not divide their dimension are dropped (e.g. the batch of 1 that initialises the model)
+    spec = shd.fit_spec(P(sharding.spec[0], "tensor", None, None), q.shape, sharding.mesh)
+    local = jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
   out = local(q, k, v)
   return jnp.swapaxes(out[:, :, :s], 1, 2)
