@@ -156,35 +156,94 @@ def _forget_survivors(db: pathlib.Path) -> int:
   return n
 
 
-def run(name: str, target: Target, python: str, retest: bool = False) -> dict:
-  repo = ROOT / f"repo_{name}"     # one copy per module, so that sessions can run side by side
+def _shard_paths(name: str) -> list[pathlib.Path]:
+  return sorted(ROOT.glob(f"{name}.shard*.sqlite"))
+
+
+def _merge_shards(db: pathlib.Path, name: str) -> int:
+  """Copies the verdicts of the shard databases of an earlier ``--jobs`` run into the session's
+  database and deletes the shards; returns how many verdicts were merged."""
+  n = 0
+  for shard in _shard_paths(name):
+    con = sqlite3.connect(db)
+    con.execute("ATTACH DATABASE ? AS shard", (str(shard),))
+    n += con.execute("INSERT OR REPLACE INTO work_results SELECT * FROM shard.work_results").rowcount
+    con.commit()
+    con.close()
+    shard.unlink()
+  return n
+
+
+def _split_pending(db: pathlib.Path, name: str, jobs: int) -> list[pathlib.Path]:
+  """Writes ``jobs`` copies of the session database, copy i keeping every jobs-th pending mutant
+  from i on (the finished ones and the others removed), so that each runs a disjoint share."""
+  con = sqlite3.connect(db)
+  pending = [r[0] for r in con.execute(
+      "SELECT job_id FROM work_items WHERE job_id NOT IN (SELECT job_id FROM work_results) ORDER BY job_id")]
+  con.close()
+  shards = []
+  for i in range(jobs):
+    shard = ROOT / f"{name}.shard{i}.sqlite"
+    shutil.copy(db, shard)
+    drop = [j for k, j in enumerate(pending) if k % jobs != i]
+    con = sqlite3.connect(shard)
+    con.execute("DELETE FROM work_results")
+    for table in ("mutation_specs", "work_items"):
+      con.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT job_id FROM work_items WHERE job_id NOT IN "
+                  f"({','.join('?' * len(pending))}) OR job_id IN ({','.join('?' * len(drop))}))",
+                  (*pending, *drop))
+    con.commit()
+    con.close()
+    shards.append(shard)
+  return shards
+
+
+def run(name: str, target: Target, python: str, retest: bool = False, jobs: int = 1) -> dict:
   db = ROOT / f"{name}.sqlite"
   stamp = ROOT / f"{name}.digest"
   digest = _digest(target)
-  if repo.exists():
-    shutil.rmtree(repo)
-  repo.mkdir(parents=True)
-  planted_bugs.copy_repo(repo)
-  cfg = repo / f"mutation_{name}.toml"
-  cfg.write_text(_config(name, target, python))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo),
+  # one copy of the repository per module and job, so that sessions and their shares run side by side
+  repos = [ROOT / (f"repo_{name}" if i == 0 else f"repo_{name}_{i}") for i in range(jobs)]
+  for repo in repos:
+    if repo.exists():
+      shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    planted_bugs.copy_repo(repo)
+    (repo / f"mutation_{name}.toml").write_text(_config(name, target, python))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repos[0]),
              JAX_COMPILATION_CACHE_DIR=str(ROOT / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  call = lambda *a: subprocess.run(a, cwd=repo, env=env, check=True)
+  cfg = repos[0] / f"mutation_{name}.toml"
+  call = lambda *a: subprocess.run(a, cwd=repos[0], env=env, check=True)
   if not (db.exists() and stamp.exists() and stamp.read_text() == digest):
     db.unlink(missing_ok=True)
+    for shard in _shard_paths(name):
+      shard.unlink()
     # the unmutated tests must pass first, or every mutant would look killed
-    proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests], cwd=repo,
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests],
+                          cwd=repos[0], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
       raise SystemExit(f"{name}: the tests fail on the unmutated copy:\n{proc.stdout[-3000:]}")
     call(_tool("cosmic-ray"), "init", str(cfg), str(db))
     call(_tool("cr-filter-operators"), str(db), str(cfg))
     stamp.write_text(digest)
-  elif retest:
-    print(f"{name}: {_forget_survivors(db)} survivors to test again", flush=True)
-  call(_tool("cosmic-ray"), "exec", str(cfg), str(db))
-  return results(db, target, repo)
+  else:
+    merged = _merge_shards(db, name)    # an interrupted --jobs run keeps what its shares finished
+    if merged:
+      print(f"{name}: {merged} verdicts of an interrupted parallel run merged", flush=True)
+    if retest:
+      print(f"{name}: {_forget_survivors(db)} survivors to test again", flush=True)
+  if jobs == 1:
+    call(_tool("cosmic-ray"), "exec", str(cfg), str(db))
+  else:
+    procs = [subprocess.Popen([_tool("cosmic-ray"), "exec", str(repo / f"mutation_{name}.toml"), str(shard)],
+                              cwd=repo, env=dict(env, PYTHONPATH=str(repo)))
+             for repo, shard in zip(repos, _split_pending(db, name, jobs))]
+    codes = [p.wait() for p in procs]
+    _merge_shards(db, name)
+    if any(codes):
+      raise SystemExit(f"{name}: cosmic-ray exec exited {codes}; the finished verdicts are kept")
+  return results(db, target, repos[0])
 
 
 def main(argv=None):
@@ -194,11 +253,15 @@ def main(argv=None):
   p.add_argument("--report", action="store_true", help="only print the results of the existing sessions")
   p.add_argument("--retest", action="store_true",
                  help="run the survivors of an existing session again (after adding tests), then any pending ones")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="run a session's pending mutants in this many processes side by side (one repository copy each)")
   p.add_argument("--python", default=sys.executable)
   args = p.parse_args(argv)
   unknown = [n for n in args.names if n not in TARGETS]
   if unknown:
     p.error(f"unknown module(s) {unknown}; choose from {list(TARGETS)}")
+  if args.jobs < 1:
+    p.error(f"--jobs must be at least 1, got {args.jobs}")
   names = args.names or list(TARGETS)
   if args.list:
     for n in names:
@@ -213,7 +276,7 @@ def main(argv=None):
     if args.report and not db.exists():
       print(f"{n}: no session ({db})")
       continue
-    r = results(db, t) if args.report else run(n, t, args.python, retest=args.retest)
+    r = results(db, t) if args.report else run(n, t, args.python, retest=args.retest, jobs=args.jobs)
     summary[n] = {k: v for k, v in r.items() if k != "survivors"}
     print(f"## {n} ({t.path}): {r['killed']} killed, {r['survived']} survived, score {r['score']:.1%}"
           + (f", {r['pending']} pending" if r["pending"] else "") + (f", {r['errors']} errors" if r["errors"] else "")
