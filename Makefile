@@ -37,11 +37,13 @@ planted: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) tests/planted_bugs.py
 
 # Mutation testing of the core modules with cosmic-ray (tests/mutation.py, docs/testing.md); hours, not in CI.
-# MODULES=asymflow objective ... runs some of them; a rerun resumes unfinished sessions.
+# MODULES=asymflow objective ... runs some of them; JOBS=2 shares each module's mutants between two
+# processes; a rerun resumes unfinished sessions.
 COSMIC_RAY := 8.7.0
+JOBS ?= 1
 mutation: $(STAMP)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) cosmic-ray==$(COSMIC_RAY)
-	JAX_PLATFORMS=cpu $(PY) tests/mutation.py $(MODULES)
+	JAX_PLATFORMS=cpu $(PY) tests/mutation.py --jobs $(JOBS) $(MODULES)
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m asymflow_jax.demo --workdir $(WORKDIR)

@@ -2,6 +2,7 @@
 
     make mutation                                   # every module below (hours on 2 CPU cores)
     python tests/mutation.py asymflow objective     # some of them; --list shows the test sets
+    python tests/mutation.py objective --jobs 2     # its mutants shared by two processes
 
 cosmic-ray (a maintained tool, 8.7) rewrites one operator, number or condition at a time in the
 source and runs a test command in a subprocess; a mutant is *killed* when that command fails. A
