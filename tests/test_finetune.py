@@ -424,6 +424,11 @@ def test_map_in_slices_keeps_each_sample_with_its_own_result():
   np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(lambda a: jnp.sum(fn(a, y) ** 2))(x)), rtol=1e-5)
   with pytest.raises(ValueError, match="6 samples cannot be cut into 4 equal slices"):
     objective.map_in_slices(fn, 4, x, y)
+  # the memory saving itself: fn is traced on one slice of 6 / slices samples (all 6 for one slice)
+  for slices in (1, 2, 3, 6):
+    seen = []
+    objective.map_in_slices(lambda a, b: seen.append((a.shape, b.shape)) or fn(a, b), slices, x, y)
+    assert seen == [((6 // slices, 2, 3), (6 // slices, 2, 3))], slices
 
 
 def test_lpips_in_slices_gives_the_same_loss_and_gradient(setup):

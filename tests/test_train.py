@@ -235,7 +235,7 @@ for k in (1, 3):
 (l1, p1, s1, c1, k1), (l3, p3, s3, c3, k3) = out[1], out[3]
 print(json.dumps(dict(devices=jax.device_count(), losses=[l1, l3], steps=[s1, s3], checkpoints=[c1, c3], n=len(p1),
                       calls=[k1, k3],
-                      rel=max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p1, p3)))))
+                      rel=train_config.max_rel_diff(p1, p3))))
 """
 
 
@@ -287,7 +287,7 @@ for scan in (False, True):
   out[scan] = (losses, [np.asarray(a) for a in jax.tree.leaves(state.params)])
 (l0, p0), (l1, p1) = out[False], out[True]
 print(json.dumps(dict(devices=jax.device_count(), losses=[l0, l1], n=len(p0),
-                      rel=max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p0, p1)))))
+                      rel=train_config.max_rel_diff(p0, p1))))
 """
 
 
@@ -317,7 +317,7 @@ for impl in ("einsum", "splash"):
   out[impl] = (losses, [np.asarray(a) for a in jax.tree.leaves(state.params)], str(getattr(model.batch_sharding, "spec", None)))
 (l0, p0, spec0), (l1, p1, spec) = out["einsum"], out["splash"]
 print(json.dumps(dict(devices=jax.device_count(), losses=[l0, l1], n=len(p0), spec=spec, spec0=spec0,
-                      rel=max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(p0, p1)))))
+                      rel=train_config.max_rel_diff(p0, p1))))
 """
 
 

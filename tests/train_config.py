@@ -1,4 +1,6 @@
-"""A training config small enough to compile in seconds on a 2-core CPU."""
+"""A training config small enough to compile in seconds on a 2-core CPU, and a comparison of two runs."""
+
+import numpy as np
 
 from configs import default
 from tests.conftest import FIXTURES
@@ -31,6 +33,11 @@ def tiny_train_config(num_steps: int = 4, repa: bool = False):
     c.repa.weight, c.repa.block, c.repa.projector_dim = 0.5, 1, 16
     c.repa.encoder, c.repa.encoder_path, c.repa.encoder_dtype = "dinov2_tiny", str(DINOV2_TINY), "float32"
   return c
+
+
+def max_rel_diff(a_leaves, b_leaves) -> float:
+  """The largest max|a - b| / max|a| over pairs of arrays (two runs' parameter leaves)."""
+  return max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)) for a, b in zip(a_leaves, b_leaves, strict=True))
 
 
 def get_config(arg: str | None = None):
