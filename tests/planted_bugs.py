@@ -163,6 +163,10 @@ BUGS += (
     Bug("lpips_slices_shuffled", "LPIPS slices put back in the wrong sample order", "asymflow_jax/objective.py",
         "return jnp.swapaxes(out, 0, 1).reshape(n, *out.shape[2:])", "return out.reshape(n, *out.shape[2:])",
         ("tests/test_finetune.py::test_map_in_slices_keeps_each_sample_with_its_own_result",)),
+    # objective.py mutation rerun (2026-12-07): two slices computed at once (same values, all the memory)
+    Bug("mut_two_slices_at_once", "vr.lpips_chunks = 2 runs LPIPS on all samples at once", "asymflow_jax/objective.py",
+        "  if slices == 1:\n", "  if slices == 2:\n",
+        ("tests/test_finetune.py::test_map_in_slices_keeps_each_sample_with_its_own_result",)),
 )
 
 
