@@ -167,6 +167,13 @@ BUGS += (
     Bug("mut_two_slices_at_once", "vr.lpips_chunks = 2 runs LPIPS on all samples at once", "asymflow_jax/objective.py",
         "  if slices == 1:\n", "  if slices == 2:\n",
         ("tests/test_finetune.py::test_map_in_slices_keeps_each_sample_with_its_own_result",)),
+    # checkpoint.py mutation run, resumed (2026-12-07): missing weights
+    Bug("mut_weights_fallback", "any missing EMA tree silently falls back to params", "asymflow_jax/checkpoint.py",
+        'if weights == "ema_0" and "params" in present:', 'if weights == "ema_0" or "params" in present:',
+        ("tests/test_workdir.py::test_train_finetunes_a_converted_workdir",)),
+    Bug("mut_weights_listed", "the missing-weights message lists every item of the step", "asymflow_jax/checkpoint.py",
+        'if n == "params" or n.startswith("ema_")', 'if n != "params" or n.startswith("ema_")',
+        ("tests/test_workdir.py::test_train_finetunes_a_converted_workdir",)),
 )
 
 

@@ -3,6 +3,7 @@ CLIs; inference restores only the chosen weights; remote (epath) workdirs."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -85,6 +86,14 @@ def test_train_finetunes_a_converted_workdir(converted, tmp_path):
   assert {"ema_0", "opt_state", "train_meta", "data"} <= set(os.listdir(wd / "checkpoints" / "2"))
   rows = read_metrics(wd)
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+  # weights that a step lacks are refused, naming the ones it has (only "ema_0" falls back to "params",
+  # where a converted step has no EMA); 0.99 is the tiny config's one EMA tree
+  assert config.ema_decays == (0.99,)
+  with pytest.raises(ValueError, match=re.escape("step 2 has no 'ema_1' weights; it has ['ema_0', 'params'].")):
+    checkpoint.open_workdir(str(wd), weights="ema_1")
+  with pytest.raises(ValueError, match=re.escape("step 0 has no 'ema_1' weights; it has ['params'].")):
+    checkpoint.open_workdir(str(wd), step=0, weights="ema_1")
+  assert int(checkpoint.open_workdir(str(wd), step=0)[2].step) == 0    # "ema_0" -> the converted "params"
 
 
 def test_h16_inference_state_holds_no_optimizer_leaves():
