@@ -168,7 +168,9 @@ def _merge_shards(db: pathlib.Path, name: str) -> int:
   for shard in _shard_paths(name):
     con = sqlite3.connect(db)
     con.execute("ATTACH DATABASE ? AS shard", (str(shard),))
-    n += con.execute("INSERT OR REPLACE INTO work_results SELECT * FROM shard.work_results").rowcount
+    # (a share whose copy never finished has no results table: nothing to merge)
+    if con.execute("SELECT 1 FROM shard.sqlite_master WHERE name = 'work_results'").fetchone():
+      n += con.execute("INSERT OR REPLACE INTO work_results SELECT * FROM shard.work_results").rowcount
     con.commit()
     con.close()
     shard.unlink()
