@@ -82,7 +82,8 @@ TARGETS = {
             "test_quarantine_never_overwrites_an_earlier_copy", "test_rank0_state_saves_and_restores",
             "test_flat_diff_lists_changed_leaves_and_a_subtree_replaced_by_a_value",
             "test_config_json_is_written_into_a_new_nested_workdir")),
-        "tests/test_workdir.py", HAND), 480),
+        "tests/test_workdir.py", HAND,
+        "tests/test_finetune.py::test_finetune_run_resumes_exactly_and_stores_only_the_trained_tree"), 480),
 }
 
 _KEEP_BINARY = ("Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div", "Mod_FloorDiv", "Pow_Mul")

@@ -174,6 +174,9 @@ BUGS += (
     Bug("mut_weights_listed", "the missing-weights message lists every item of the step", "asymflow_jax/checkpoint.py",
         'if n == "params" or n.startswith("ema_")', 'if n != "params" or n.startswith("ema_")',
         ("tests/test_workdir.py::test_train_finetunes_a_converted_workdir",)),
+    Bug("mut_finetune_base_item", "a finetuning workdir opens its base's experiment instead of its state",
+        "asymflow_jax/checkpoint.py", "mesh=mesh)[2]", "mesh=mesh)[1]",
+        ("tests/test_finetune.py::test_finetune_run_resumes_exactly_and_stores_only_the_trained_tree",)),
 )
 
 
