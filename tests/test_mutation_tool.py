@@ -58,6 +58,7 @@ def test_split_gives_each_job_a_disjoint_share_of_the_pending_mutants_and_merge_
   assert [s.name for s in shards] == ["m.shard0.sqlite", "m.shard1.sqlite", "m.shard2.sqlite"]
   # every 3rd pending mutant from the share's index on; nothing finished, no verdicts copied
   assert [_jobs(s, "work_items") for s in shards] == [["j01", "j06", "j09"], ["j02", "j07"], ["j05", "j08"]]
+  assert sorted(sum((_jobs(s, "work_items") for s in shards), [])) == pending
   assert [_jobs(s, "mutation_specs") for s in shards] == [_jobs(s, "work_items") for s in shards]
   assert [_jobs(s, "work_results") for s in shards] == [[], [], []]
 
