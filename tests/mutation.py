@@ -189,13 +189,11 @@ def _split_pending(db: pathlib.Path, name: str, jobs: int) -> list[pathlib.Path]
   for i in range(jobs):
     shard = ROOT / f"{name}.shard{i}.sqlite"
     shutil.copy(db, shard)
-    drop = [j for k, j in enumerate(pending) if k % jobs != i]
+    keep = pending[i::jobs]
     con = sqlite3.connect(shard)
     con.execute("DELETE FROM work_results")
     for table in ("mutation_specs", "work_items"):
-      con.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT job_id FROM work_items WHERE job_id NOT IN "
-                  f"({','.join('?' * len(pending))}) OR job_id IN ({','.join('?' * len(drop))}))",
-                  (*pending, *drop))
+      con.execute(f"DELETE FROM {table} WHERE job_id NOT IN ({','.join('?' * len(keep))})", keep)
     con.commit()
     con.close()
     shards.append(shard)

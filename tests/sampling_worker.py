@@ -17,11 +17,14 @@ from asymflow_jax import sampling, sharding  # noqa: E402
 from asymflow_jax.models import asymjit, jit_model as jit_lib  # noqa: E402
 
 
-def perturbed_tiny_model():
-  """A tiny AsymJiT whose parameters are all non-zero (the reference init zeroes the output layers)."""
-  cfg = jit_lib.jit_config("tiny", in_channels=1, hidden_size=32, depth=2, num_heads=2, in_context_len=2)
+def perturbed_tiny_model(**config):
+  """A tiny AsymJiT (one channel, 32 px, patch 4, rank 4; ``config`` overrides its jit_config fields)
+  whose parameters are all non-zero (the reference init zeroes the output layers)."""
+  cfg = jit_lib.jit_config("tiny", **dict(dict(in_channels=1, hidden_size=32, depth=2, num_heads=2, in_context_len=2),
+                                          **config))
   model = jit_lib.JiT(cfg)
-  basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0], jnp.float32)
+  basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((16 * cfg.in_channels, 4)))[0],
+                      jnp.float32)
   # one compiled init (run eagerly it compiles hundreds of small programs), perturbed on the host
   params = jax.jit(lambda b: asymjit.init_params(model, jax.random.key(0), b))(basis)
   rng = np.random.default_rng(1)

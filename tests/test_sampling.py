@@ -243,18 +243,14 @@ def test_generate_on_mesh_and_from_config_compose_the_sampler_pieces():
 
 
 def test_velocity_fn_runs_a_model_with_dropout_in_eval_mode():
-  """``asymjit_velocity_fn`` is the inference velocity: a model with dropout (blocks 1-2 of the tiny
-  preset) runs deterministically, without a dropout key, and gives the eval-mode forward."""
+  """``asymjit_velocity_fn`` is the inference velocity: a model with dropout (blocks 1-2 of 4)
+  runs deterministically, without a dropout key, and gives the eval-mode forward."""
   from asymflow_jax import asymflow as af  # noqa: PLC0415
-  from asymflow_jax.models import JiT, asymjit, jit_config  # noqa: PLC0415
-  model = JiT(jit_config("tiny", proj_dropout=0.5, attn_dropout=0.5))
-  assert model.config.dropout_active(1)
-  basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((48, 4)))[0], jnp.float32)
-  params = jax.jit(lambda b: asymjit.init_params(model, jax.random.key(0), b))(basis)
-  rng = np.random.default_rng(2)   # every parameter non-zero: the init zeroes the gates and output layers
-  params = jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(np.float32)),
-                        params)
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
+  from asymflow_jax.models import asymjit  # noqa: PLC0415
+  from tests.sampling_worker import perturbed_tiny_model  # noqa: PLC0415
+  model, params, basis = perturbed_tiny_model(depth=4, proj_dropout=0.5, attn_dropout=0.5)
+  assert model.config.dropout_active(1) and model.config.dropout_active(2) and not model.config.dropout_active(3)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 1)), jnp.float32)
   sigma, labels = jnp.asarray([0.3, 0.9], jnp.float32), jnp.asarray([1, 10], jnp.int32)
   fn = sampling.asymjit_velocity_fn(model, params, basis, 1.0)
   got = np.asarray(fn(x, sigma, labels))
